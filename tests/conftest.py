@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny configs, tiny PIL images, the real LLaVA sample, GPU skipping."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+LLAVA_SAMPLE = SHARED / "testdata" / "llava-textvqa-sample"
+REFERENCE = SHARED / "reference"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test reaches the internet
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skips `gpu` tests cleanly when CUDA is absent."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def llava_sample() -> Path:
+    """The real 1,000-record LLaVA sample (read-only; copy before modifying)."""
+    if not (LLAVA_SAMPLE / "data.json").is_file():
+        pytest.skip(f"LLaVA sample not found at {LLAVA_SAMPLE}")
+    return LLAVA_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The reference manifests (tensor names and shapes of released files)."""
+    if not REFERENCE.is_dir():
+        pytest.skip(f"reference folder not found at {REFERENCE}")
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The bundled World tokenizer (built once per session)."""
+    from vrwkv_core.tokenizer import default_tokenizer
+
+    return default_tokenizer()
+
+
+@pytest.fixture
+def tiny_image():
+    """A 64x64 RGB PIL image with a red square on white."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(img).rectangle([16, 16, 47, 47], fill=(220, 30, 30))
+    return img
+
+
+@pytest.fixture
+def tiny_recipe():
+    """The tiny recipe with short stages, as a Recipe object."""
+    from vrwkv_core.config import load_recipe
+
+    return load_recipe(REPO / "recipes" / "tiny.yaml", ["pretrain.max_steps=4", "finetune.max_steps=4"])

@@ -1,0 +1,1 @@
+"""vrwkv command line: a thin Typer shell over vrwkv_core (see vrwkv_cli.main)."""

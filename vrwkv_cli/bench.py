@@ -1,0 +1,63 @@
+"""`vrwkv bench`: speed measured side by side in one process, printed as ratios."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure speed side by side (ratios in one run).")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON line instead of a table.")]
+ThreadsOpt = Annotated[int, typer.Option(help="torch CPU threads.")]
+
+
+@app.command()
+def wkv(
+    batch: Annotated[int, typer.Option("--batch", "-B")] = 1,
+    heads: Annotated[int, typer.Option("--heads", "-H")] = 12,
+    length: Annotated[int, typer.Option("--length", "-T")] = 1024,
+    threads: ThreadsOpt = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """WKV-7 kernels: chunked (and CUDA when present) vs the sequential loop, fp32.
+
+    Example: vrwkv bench wkv -T 1024
+    """
+    from vrwkv_cli.common import print_rows
+    from vrwkv_core.bench.wkv import run_wkv_bench
+
+    rows = run_wkv_bench(B=batch, H=heads, T=length, threads=threads)
+    print_rows(rows, f"WKV-7 B={batch} H={heads} T={length} N=64", as_json)
+
+
+@app.command()
+def lm(
+    threads: ThreadsOpt = 2,
+    length: Annotated[int, typer.Option("--length", "-T", help="Prefill length.")] = 512,
+    decode_tokens: Annotated[int, typer.Option(help="Tokens to decode.")] = 64,
+    bf16: Annotated[bool, typer.Option("--bf16", help="Add a bf16-weights row.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """RWKV-7 0.1B shape: prefill and decode tokens/s, ours vs the `rwkv` package.
+
+    Example: vrwkv bench lm --bf16
+    """
+    from vrwkv_cli.common import print_rows
+    from vrwkv_core.bench.lm import run_lm_bench
+
+    rows = run_lm_bench(threads=threads, T=length, decode_tokens=decode_tokens, bf16=bf16)
+    print_rows(rows, "RWKV-7 L12 D768 random weights", as_json)
+
+
+@app.command()
+def generate(threads: ThreadsOpt = 2, as_json: JsonOpt = False) -> None:
+    """RNN-mode generation vs re-encoding the sequence per token; image-state cache.
+
+    Example: vrwkv bench generate
+    """
+    from vrwkv_cli.common import print_rows
+    from vrwkv_core.bench.generate import run_generate_bench
+
+    rows = run_generate_bench(threads=threads)
+    print_rows(rows, "generation", as_json)

@@ -1,0 +1,55 @@
+"""`vrwkv pretrain` and `vrwkv finetune`: load the recipe, run one training stage."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+_SETTINGS = {"ignore_unknown_options": True, "help_option_names": ["-h", "--help"]}
+pretrain_app = typer.Typer(context_settings=_SETTINGS, add_completion=False)
+finetune_app = typer.Typer(context_settings=_SETTINGS, add_completion=False)
+
+RecipeArg = Annotated[str, typer.Argument(help="Recipe YAML, e.g. recipes/tiny.yaml.", show_default=False)]
+OverridesArg = Annotated[
+    Optional[list[str]],
+    typer.Argument(help="key=value overrides, e.g. pretrain.micro_batch=4 (lower it if you run out of memory)."),
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue exactly from out_dir/last.ckpt.")]
+PrintOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved recipe as YAML and exit.")]
+
+
+def _stage(stage: str, recipe_path: str, overrides: list[str] | None, resume: bool, print_config: bool) -> None:
+    from vrwkv_core.config import load_recipe, recipe_to_yaml
+
+    recipe = load_recipe(recipe_path, overrides or [])
+    if print_config:
+        typer.echo(recipe_to_yaml(recipe), nl=False)
+        return
+    from vrwkv_core.train import run_stage
+    from vrwkv_cli.common import RichProgress, err_console
+
+    progress = RichProgress()
+    try:
+        out_dir = run_stage(recipe, stage, resume=resume, progress=progress)
+    finally:
+        progress.close()
+    err_console.print(f"[green]{stage} done[/green]: {out_dir}")
+
+
+@pretrain_app.command()
+def pretrain(recipe: RecipeArg, overrides: OverridesArg = None, resume: ResumeOpt = False, print_config: PrintOpt = False) -> None:
+    """Stage 1: train the projector on image-caption pairs (towers and LM frozen).
+
+    Example: vrwkv pretrain recipes/tiny.yaml pretrain.max_steps=50
+    """
+    _stage("pretrain", recipe, overrides, resume, print_config)
+
+
+@finetune_app.command()
+def finetune(recipe: RecipeArg, overrides: OverridesArg = None, resume: ResumeOpt = False, print_config: PrintOpt = False) -> None:
+    """Stage 2: train projector and LM on instructions, from finetune.init_from.
+
+    Example: vrwkv finetune recipes/tiny.yaml finetune.max_steps=100
+    """
+    _stage("finetune", recipe, overrides, resume, print_config)
