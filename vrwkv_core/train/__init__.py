@@ -1,17 +1,16 @@
-"""Training: the LightningModule, the stage runner, strategy config (see run_stage)."""
+"""Training: the LightningModule, the stage runner, strategy config.
+
+    from vrwkv_core.train import run_stage
+    run_stage(load_recipe("recipes/tiny.yaml"), "pretrain")
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
-
-from vrwkv_core.errors import NotImplementedYet
-
-if TYPE_CHECKING:
-    from vrwkv_core.config import Recipe
-    from vrwkv_core.progress import Progress
+from typing import Any
 
 
-def run_stage(recipe: "Recipe", stage: str, resume: bool = False, progress: "Progress | None" = None) -> Path:
-    """Runs one stage (`pretrain` or `finetune`) of a recipe and returns its out_dir."""
-    raise NotImplementedYet(f"vrwkv {stage}: training is not implemented yet", hint="see issue 'Training' in the tracker")
+def run_stage(*args: Any, **kwargs: Any) -> Any:
+    """Runs one stage of a recipe (see vrwkv_core.train.runner.run_stage)."""
+    from vrwkv_core.train.runner import run_stage as _run
+
+    return _run(*args, **kwargs)
