@@ -71,3 +71,40 @@ def tiny_recipe():
     from vrwkv_core.config import load_recipe
 
     return load_recipe(REPO / "recipes" / "tiny.yaml", ["pretrain.max_steps=4", "finetune.max_steps=4"])
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory):
+    """One tiny model trained briefly through both stages, shared by every test that needs one.
+
+    Returns a dict with the run folder, the recipe overrides, and the stage out_dirs. The
+    model is barely trained (a few steps): tests use it for mechanics, not accuracy.
+    """
+    from vrwkv_core.config import load_recipe
+    from vrwkv_core.data.shapes import prepare_shapes
+    from vrwkv_core.train import run_stage
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = prepare_shapes(root / "shapes", n_train=120, n_eval=24, seed=1)
+    overrides = [
+        f"data.root={data}",
+        "data.val_fraction=0.1",
+        f"pretrain.out_dir={root / 'pretrain'}",
+        "pretrain.max_steps=6",
+        "pretrain.micro_batch=8",
+        "pretrain.save_every_steps=3",
+        "pretrain.val_every_steps=3",
+        "pretrain.warmup_steps=2",
+        f"finetune.out_dir={root / 'finetune'}",
+        f"finetune.init_from={root / 'pretrain'}",
+        "finetune.max_steps=6",
+        "finetune.micro_batch=8",
+        "finetune.save_every_steps=3",
+        "finetune.val_every_steps=3",
+        "finetune.warmup_steps=2",
+    ]
+    recipe = load_recipe(REPO / "recipes" / "tiny.yaml", overrides)
+    run_stage(recipe, "pretrain")
+    run_stage(recipe, "finetune")
+    return {"root": root, "data": data, "overrides": overrides, "recipe": recipe,
+            "pretrain": root / "pretrain", "finetune": root / "finetune"}  # fmt: skip

@@ -1,0 +1,145 @@
+"""Training: schedule, loss, freezing, strategy checks, input checks, and a short real run."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vrwkv_core.config import load_recipe
+from vrwkv_core.errors import CheckpointError, DataError, RecipeError
+from vrwkv_core.train.module import apply_trainable, lr_at, sequence_loss
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    st = load_recipe(None, ["pretrain.lr_init=1e-3", "pretrain.lr_final=1e-5", "pretrain.warmup_steps=10",
+                            "pretrain.max_steps=110"]).pretrain  # fmt: skip
+    assert lr_at(0, st) == pytest.approx(1e-4)
+    assert lr_at(9, st) == pytest.approx(1e-3)
+    assert lr_at(10, st) == pytest.approx(1e-3)
+    assert lr_at(60, st) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))
+    assert lr_at(110, st) == pytest.approx(1e-5)
+    assert lr_at(500, st) == pytest.approx(1e-5)
+
+
+def test_sequence_loss_is_per_sample_mean_then_batch_mean():
+    torch.manual_seed(0)
+    B, T, C, V = 2, 6, 8, 11
+    head = torch.nn.Linear(C, V, bias=False)
+    hidden = torch.randn(B, T, C)
+    labels = torch.full((B, T), -100)
+    labels[0, 2:4] = torch.tensor([3, 4])  # targets at positions 1, 2
+    labels[1, 1:6] = torch.tensor([1, 2, 3, 4, 5])  # 5 targets
+    loss, n = sequence_loss(hidden, labels, head)
+    logits = head(hidden)
+    per = []
+    for b in range(B):
+        rows = [t for t in range(T - 1) if labels[b, t + 1] != -100]
+        per.append(F.cross_entropy(logits[b, rows], labels[b, [r + 1 for r in rows]]))
+    assert n == 7
+    assert loss.item() == pytest.approx(torch.stack(per).mean().item(), rel=1e-6)
+    # a sample with no labels is left out of the mean, and an empty batch gives 0
+    labels[1] = -100
+    loss1, n1 = sequence_loss(hidden, labels, head)
+    assert n1 == 2 and loss1.item() == pytest.approx(per[0].item(), rel=1e-6)
+    loss0, n0 = sequence_loss(hidden, torch.full((B, T), -100), head)
+    assert n0 == 0 and loss0.item() == 0.0
+
+
+def test_logit_l2_adds_half_mean_square_of_max_logit():
+    torch.manual_seed(1)
+    head = torch.nn.Linear(4, 5, bias=False)
+    hidden, labels = torch.randn(1, 3, 4), torch.tensor([[-100, 1, 2]])
+    base, _ = sequence_loss(hidden, labels, head)
+    reg, _ = sequence_loss(hidden, labels, head, logit_l2=0.1)
+    mx = head(hidden[0, :2]).max(-1).values
+    assert (reg - base).item() == pytest.approx(0.05 * mx.pow(2).mean().item(), rel=1e-4)
+
+
+def test_released_freezing(tiny_recipe):
+    from vrwkv_core.model.visual_rwkv import VisualRWKV
+
+    recipe = load_recipe(REPO / "recipes" / "tiny.yaml", ["pretrain.trainable=[projector]",
+                                                           "finetune.trainable=[projector,rwkv]",
+                                                           "finetune.frozen=[rwkv.emb]"])  # fmt: skip
+    model = VisualRWKV(recipe.model)
+    apply_trainable(model, recipe.pretrain)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("proj.") for n in trainable)
+    model.train()  # frozen towers stay in eval mode
+    assert not any(m.training for m in list(model.vit.modules())[1:])
+    apply_trainable(model, recipe.finetune)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "rwkv.emb.weight" not in trainable and "rwkv.head.weight" in trainable
+    assert any(n.startswith("proj.") for n in trainable) and not any(n.startswith("vit.") for n in trainable)
+
+
+def test_deepspeed_config_from_hardware():
+    from vrwkv_core.train.deepspeed_config import deepspeed_config
+
+    hw = load_recipe(None, ["hardware.strategy=deepspeed_stage_2", "hardware.ds_bucket_mb=100",
+                            "hardware.cpu_offload=true"]).hardware  # fmt: skip
+    cfg = deepspeed_config(hw)
+    assert cfg["zero_optimization"]["stage"] == 2
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == 100_000_000
+    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert cfg["bf16"]["enabled"] is True
+    hw3 = load_recipe(None, ["hardware.strategy=deepspeed_stage_3", "hardware.precision=fp32"]).hardware
+    cfg3 = deepspeed_config(hw3)
+    assert cfg3["zero_optimization"]["stage"] == 3 and cfg3["bf16"]["enabled"] is False
+    assert "offload_optimizer" not in cfg3["zero_optimization"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+@pytest.mark.parametrize("override", ["hardware.strategy=deepspeed_stage_1", "hardware.accelerator=gpu"])
+def test_gpu_requests_fail_early_without_gpu(override):
+    from vrwkv_core.train.strategy import trainer_hardware
+
+    with pytest.raises(RecipeError, match="no CUDA GPU"):
+        trainer_hardware(load_recipe(None, [override]).hardware)
+
+
+def test_missing_inputs_are_reported_before_building(tmp_path):
+    from vrwkv_core.train.runner import check_inputs
+    from vrwkv_core.progress import NULL_PROGRESS
+
+    recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"data.root={tmp_path / 'nope'}", "data.synthetic=false"])
+    with pytest.raises(DataError, match="pretrain.jsonl: training records not found"):
+        check_inputs(recipe, "pretrain", False, NULL_PROGRESS)
+    (tmp_path / "d" / "images").mkdir(parents=True)
+    (tmp_path / "d" / "finetune.jsonl").write_text("")
+    recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"data.root={tmp_path / 'd'}",
+                                                           f"finetune.init_from={tmp_path / 'no_pretrain'}"])  # fmt: skip
+    with pytest.raises(CheckpointError, match="init_from") as info:
+        check_inputs(recipe, "finetune", False, NULL_PROGRESS)
+    assert "vrwkv pretrain" in info.value.hint
+    recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"data.root={tmp_path / 'd'}", "finetune.init_from=null",
+                                                           f"finetune.out_dir={tmp_path / 'o'}"])  # fmt: skip
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        check_inputs(recipe, "finetune", True, NULL_PROGRESS)
+
+
+def test_short_run_writes_outputs_and_learns(tiny_trained):
+    from vrwkv_core.model.checkpoint import load_pretrained
+
+    for stage in ("pretrain", "finetune"):
+        out = tiny_trained[stage]
+        for name in ("config.yaml", "model.safetensors", "last.ckpt", "metrics.csv", "loss.png"):
+            assert (out / name).is_file(), f"{stage}/{name}"
+        rows = list(csv.DictReader(open(out / "metrics.csv")))
+        losses = [float(r["train_loss"]) for r in rows if r["train_loss"]]
+        assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+        assert any(r["val_loss"] for r in rows)
+        assert not list(out.glob(".*tmp*")), "no temp files left behind"
+    pre = [float(r["train_loss"]) for r in csv.DictReader(open(tiny_trained["pretrain"] / "metrics.csv")) if r["train_loss"]]
+    assert pre[-1] < pre[0], "the loss goes down in a few steps"
+    model, recipe = load_pretrained(tiny_trained["finetune"])
+    assert recipe.model.vision.towers == ["tiny"]
+    ckpt = torch.load(tiny_trained["finetune"] / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6
