@@ -1,0 +1,136 @@
+"""Safe extraction of zip and tar (gz/bz2/xz) archives, resumable.
+
+Every member's destination is checked before anything is written: names with `..`,
+absolute names (also `C:` drives and backslash roots), symlinks, hardlinks, devices and
+FIFOs are refused and reported, and so is any destination whose resolved parent falls
+outside the output folder (e.g. through a symlink already there). Regular files are
+streamed to a temp file and renamed into place, so an interrupted run leaves no partial
+files; re-running skips files that already exist with the member's size.
+"""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import os
+import shutil
+import stat
+import tarfile
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Callable
+
+from vrwkv_core.data.fsutil import atomic_open
+from vrwkv_core.errors import DataError
+from vrwkv_core.progress import Progress
+
+
+@dataclass
+class ExtractReport:
+    """Counts of one extraction; `refused` holds (member name, reason)."""
+
+    archive: Path
+    out_dir: Path
+    extracted: int = 0
+    skipped: int = 0
+    bytes_written: int = 0
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
+def safe_destination(root: Path, name: str) -> tuple[Path | None, str]:
+    """Destination of member `name` under the resolved `root`, or (None, reason)."""
+    if not name or "\x00" in name:
+        return None, "empty or invalid name"
+    unified = name.replace("\\", "/")
+    if unified.startswith("/") or (len(unified) > 1 and unified[1] == ":"):
+        return None, "absolute path"
+    parts = [p for p in unified.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return None, "'..' in path"
+    if not parts:
+        return None, "empty or invalid name"
+    dest = root.joinpath(*parts)
+    if not dest.parent.resolve().is_relative_to(root):
+        return None, "lands outside the output folder (through a symlink)"
+    if dest.is_symlink():
+        return None, "destination is an existing symlink"
+    return dest, ""
+
+
+def _write_member(dest: Path, size: int, opener: Callable[[], IO[bytes]], report: ExtractReport) -> None:
+    if dest.is_file() and dest.stat().st_size == size:
+        report.skipped += 1
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with opener() as src, atomic_open(dest, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    report.extracted += 1
+    report.bytes_written += size
+
+
+def _extract_zip(archive: Path, root: Path, report: ExtractReport, progress: Progress) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        progress.start(f"extracting {archive.name}", total=len(infos))
+        for info in infos:
+            progress.update(1)
+            mode = info.external_attr >> 16
+            if info.create_system == 3 and stat.S_ISLNK(mode):  # 3: made on Unix, mode bits are meaningful
+                report.refused.append((info.filename, "symlink"))
+                continue
+            dest, why = safe_destination(root, info.filename)
+            if dest is None:
+                report.refused.append((info.filename, why))
+                continue
+            if info.is_dir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            _write_member(dest, info.file_size, lambda: zf.open(info), report)
+
+
+def _extract_tar(archive: Path, root: Path, report: ExtractReport, progress: Progress) -> None:
+    progress.start(f"extracting {archive.name}", total=None)
+    with tarfile.open(archive, "r:*") as tf:
+        for member in tf:  # streams: compressed tars are read once, front to back
+            progress.update(1)
+            if member.issym() or member.islnk():
+                report.refused.append((member.name, f"{'symlink' if member.issym() else 'hardlink'} to {member.linkname!r}"))
+                continue
+            if not (member.isfile() or member.isdir()):
+                report.refused.append((member.name, "device, FIFO or other special file"))
+                continue
+            dest, why = safe_destination(root, member.name)
+            if dest is None:
+                report.refused.append((member.name, why))
+                continue
+            if member.isdir():
+                dest.mkdir(parents=True, exist_ok=True)
+                continue
+            _write_member(dest, member.size, lambda: tf.extractfile(member), report)  # type: ignore[arg-type,return-value]
+
+
+def extract_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, progress: Progress | None = None) -> ExtractReport:
+    """Extract a zip or tar archive into `out_dir`; unsafe members are skipped and listed in `refused`."""
+    archive, out = Path(archive), Path(out_dir)
+    if not archive.is_file():
+        raise DataError(f"{archive}: no such file")
+    progress = progress or Progress()
+    out.mkdir(parents=True, exist_ok=True)
+    root = out.resolve()
+    report = ExtractReport(archive, out)
+    try:
+        if zipfile.is_zipfile(archive):
+            _extract_zip(archive, root, report, progress)
+        elif tarfile.is_tarfile(archive):
+            _extract_tar(archive, root, report, progress)
+        else:
+            raise DataError(f"{archive}: not a zip or tar archive")
+        for name, why in report.refused:
+            progress.log(f"refused {name!r}: {why}")
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError) as e:
+        raise DataError(f"{archive}: damaged archive ({type(e).__name__}: {e})") from None
+    finally:
+        progress.close()
+    return report

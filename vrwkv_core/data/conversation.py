@@ -1,0 +1,187 @@
+"""The VisualRWKV v7.00 chat template: turn text, token ids and training labels.
+
+A conversation is LLaVA's list of `{"from": "human"|"gpt", "value": str}` turns. Each
+turn becomes `User: {text}\\n\\n` or `Assistant: {text}\\n\\n` and is tokenized on its
+own (the research code does the same, so ids match its training data exactly):
+
+- `<image>` markers move to the front of their human turn, one per image, joined by
+  `\\n`; each marker becomes `tokens_per_image` placeholder ids `IMAGE_TOKEN_ID`.
+- Runs of blank lines inside a turn collapse to one `\\n` (`\\n\\n` is the stop token 261).
+- Labels are -100 on human turns and on the 3 tokens of `Assistant:`; the answer and
+  its closing `\\n\\n` are learned.
+- Truncation to `ctx_len` never cuts inside an image: an image that does not fit is
+  dropped whole, and `EncodedConversation` says how many images and tokens survived.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Protocol, Sequence
+
+from vrwkv_core.errors import DataError
+
+IMAGE_MARKER = "<image>"
+IMAGE_TOKEN_ID = 65535
+IGNORE_INDEX = -100
+STOP_TOKEN_ID = 261  # "\n\n"
+PAD_TOKEN_ID = 0
+ROLE_PREFIX = {"human": "User", "gpt": "Assistant"}
+TURN_END = "\n\n"
+
+_BLANK_LINES = re.compile(r"\n(\s*\n)+")
+
+
+class Tokenizer(Protocol):
+    """Anything with the World tokenizer's `encode`."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+@dataclass
+class EncodedConversation:
+    """Ids and labels of one conversation, plus what truncation removed."""
+
+    input_ids: list[int]
+    labels: list[int]
+    n_images: int
+    """Images the conversation refers to."""
+    n_images_kept: int
+    """Images whose placeholder run survived truncation (always a prefix of the images)."""
+    n_tokens_full: int
+    """Length before truncation."""
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.input_ids) < self.n_tokens_full
+
+    @property
+    def n_labelled(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def collapse_blank_lines(text: str) -> str:
+    """Strip, then turn every run of blank lines into a single newline."""
+    return _BLANK_LINES.sub("\n", text.strip())
+
+
+def normalize_turn_text(role: str, value: str) -> str:
+    """The turn's text as the template uses it: markers to the front, blank lines collapsed.
+
+    Idempotent, so records written by `prepare-data` encode to the same ids.
+    """
+    n_markers = value.count(IMAGE_MARKER)
+    if n_markers == 0:
+        return collapse_blank_lines(value)
+    if role != "human":
+        raise DataError(f"an {IMAGE_MARKER} marker in a {role} turn (only human turns may hold images)")
+    text = collapse_blank_lines(value.replace(IMAGE_MARKER, ""))
+    return ("\n".join([IMAGE_MARKER] * n_markers) + "\n" + text).strip()
+
+
+def normalize_role(role: Any) -> str:
+    """'human'/'gpt' (any case) -> lower case; anything else is a DataError."""
+    if isinstance(role, str) and role.lower() in ROLE_PREFIX:
+        return role.lower()
+    raise DataError(f"unknown speaker {role!r} (expected 'human' or 'gpt')")
+
+
+def normalize_conversations(conversations: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """LLaVA turns -> `[{"from": role, "value": normalised text}]`."""
+    out = []
+    for turn in conversations:
+        role = normalize_role(turn.get("from"))
+        value = turn.get("value")
+        if not isinstance(value, str):
+            raise DataError(f"a {role} turn whose value is not a string")
+        out.append({"from": role, "value": normalize_turn_text(role, value)})
+    return out
+
+
+def encode_turn_text(text: str, tokenizer: Tokenizer, tokens_per_image: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Tokenize one already-templated turn string; returns ids and the [start, end) of each image run."""
+    chunks = text.split(IMAGE_MARKER)
+    ids = list(tokenizer.encode(chunks[0]))
+    spans = []
+    for chunk in chunks[1:]:
+        spans.append((len(ids), len(ids) + tokens_per_image))
+        ids.extend([IMAGE_TOKEN_ID] * tokens_per_image)
+        if chunk:
+            ids.extend(tokenizer.encode(chunk))
+    return ids, spans
+
+
+def encode_turn(role: str, value: str, tokenizer: Tokenizer, tokens_per_image: int) -> list[int]:
+    """Ids of one turn (`User: ...\\n\\n` or `Assistant: ...\\n\\n`), normalised first."""
+    role = normalize_role(role)
+    text = f"{ROLE_PREFIX[role]}: {normalize_turn_text(role, value)}{TURN_END}"
+    return encode_turn_text(text, tokenizer, tokens_per_image)[0]
+
+
+def _assistant_prefix_len(tokenizer: Tokenizer) -> int:
+    return len(tokenizer.encode(ROLE_PREFIX["gpt"] + ":"))  # 3 with the World vocab: 5585 41693 59
+
+
+def encode_conversation_info(
+    conversations: Sequence[Mapping[str, Any]],
+    tokenizer: Tokenizer,
+    tokens_per_image: int,
+    ctx_len: int | None = None,
+) -> EncodedConversation:
+    """Encode a LLaVA conversation; see the module docstring for the rules."""
+    turns = normalize_conversations(conversations)
+    n_mask_gpt = _assistant_prefix_len(tokenizer)
+    ids: list[int] = []
+    labels: list[int] = []
+    spans: list[tuple[int, int]] = []
+    for turn in turns:
+        role = turn["from"]
+        text = f"{ROLE_PREFIX[role]}: {turn['value']}{TURN_END}"
+        turn_ids, turn_spans = encode_turn_text(text, tokenizer, tokens_per_image)
+        spans.extend((s + len(ids), e + len(ids)) for s, e in turn_spans)
+        if role == "human":
+            turn_labels = [IGNORE_INDEX] * len(turn_ids)
+        else:
+            turn_labels = [IGNORE_INDEX] * n_mask_gpt + turn_ids[n_mask_gpt:]
+        ids.extend(turn_ids)
+        labels.extend(turn_labels)
+
+    n_full = len(ids)
+    cut = n_full
+    if ctx_len is not None and n_full > ctx_len:
+        cut = ctx_len
+        for start, end in spans:
+            if start < cut < end:  # never split an image's placeholder run
+                cut = start
+                break
+    kept = sum(1 for _, end in spans if end <= cut)
+    return EncodedConversation(ids[:cut], labels[:cut], len(spans), kept, n_full)
+
+
+def encode_conversation(
+    conversations: Sequence[Mapping[str, Any]],
+    tokenizer: Tokenizer,
+    tokens_per_image: int,
+    ctx_len: int | None = None,
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a conversation; `encode_conversation_info` also reports truncation."""
+    enc = encode_conversation_info(conversations, tokenizer, tokens_per_image, ctx_len)
+    return enc.input_ids, enc.labels
+
+
+def encode_generation_prompt(
+    question_text: str,
+    tokenizer: Tokenizer,
+    tokens_per_image: int,
+    n_images: int = 1,
+) -> list[int]:
+    """Ids of `User: <image>...\\n{question}\\n\\nAssistant:` for generation.
+
+    `<image>` markers already in `question_text` are removed; `n_images` markers are put
+    at the front of the turn (0 gives a text-only prompt). Ends with the ids of
+    `Assistant:` (no trailing space), so the model's next token starts the answer.
+    """
+    text = question_text.replace(IMAGE_MARKER, "")
+    value = "\n".join([IMAGE_MARKER] * n_images + [text])
+    ids = encode_turn("human", value, tokenizer, tokens_per_image)
+    return ids + list(tokenizer.encode(ROLE_PREFIX["gpt"] + ":"))

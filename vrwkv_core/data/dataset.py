@@ -1,0 +1,263 @@
+"""Training data: `VisionLanguageDataset` over data.jsonl, `collate`, `ResumableSampler`.
+
+The dataset keeps one file offset per record (not the records), so a 665k-record file
+costs a few MB; each worker process reopens the file. A sample is tokenised with the
+v7.00 template (`conversation.py`) and its images go through the model's image
+processor, an opaque callable returning a tensor or a dict of tensors per tower.
+
+A bad image raises DataError naming the file; with `skip_bad_images=True` the sample
+becomes None and `collate` drops it and counts it in `batch["n_skipped"]` (never a zero
+image), so the training loop can log it on every rank. `batch["n_truncated"]` counts
+samples cut to ctx_len.
+
+`ResumableSampler`'s order is a function of (seed, epoch); it shards by rank and
+counts what it yields, so `state_dict()` / `load_state_dict()` resume at the next sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from array import array
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from vrwkv_core.data.conversation import IGNORE_INDEX, PAD_TOKEN_ID, Tokenizer, encode_conversation_info
+from vrwkv_core.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def _index_lines(path: Path) -> array:
+    """Byte offset of every non-blank line."""
+    offsets = array("q")
+    pos = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                offsets.append(pos)
+            pos += len(line)
+    return offsets
+
+
+def record_images(record: dict) -> list[str]:
+    """A record's images as a list (LLaVA allows a string, a list, or no key)."""
+    image = record.get("image")
+    if image is None:
+        return []
+    return [image] if isinstance(image, str) else list(image)
+
+
+class VisionLanguageDataset(Dataset):
+    """Map-style dataset over a LLaVA/`prepare-data` JSONL file."""
+
+    def __init__(
+        self,
+        records_path: str | os.PathLike,
+        image_folder: str | os.PathLike,
+        tokenizer: Tokenizer,
+        image_processor: Callable[[Any], Any],
+        tokens_per_image: int,
+        ctx_len: int,
+        skip_bad_images: bool = False,
+    ) -> None:
+        self.records_path = Path(records_path)
+        if not self.records_path.is_file():
+            raise DataError(f"{self.records_path}: no such file", hint="run `vrwkv prepare-data llava` first")
+        self.image_folder = Path(image_folder)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.tokens_per_image = tokens_per_image
+        self.ctx_len = ctx_len
+        self.skip_bad_images = skip_bad_images
+        self.offsets = _index_lines(self.records_path)
+        self.n_skipped = 0  # in this process only; collate's n_skipped covers DataLoader workers
+        self._file = None
+        self._file_pid = -1
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_file"], state["_file_pid"] = None, -1  # open handles do not cross processes
+        return state
+
+    def read_record(self, index: int) -> dict:
+        """The raw JSON record at `index`."""
+        if self._file is None or self._file_pid != os.getpid():
+            self._file = open(self.records_path, "rb")
+            self._file_pid = os.getpid()
+        self._file.seek(self.offsets[index])
+        line = self._file.readline()
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{self.records_path}: record {index} is not valid JSON ({e.msg})") from None
+
+    def _load_image(self, rel: str, index: int) -> Any:
+        from PIL import Image
+
+        path = self.image_folder / rel
+        try:
+            with Image.open(path) as im:
+                rgb = im.convert("RGB")
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad files
+            raise DataError(
+                f"{path}: cannot load image of record {index} ({type(e).__name__}: {e})",
+                hint="set data.skip_bad_images=true to drop such samples, or check the data with `vrwkv prepare-data llava`",
+            ) from None
+        return self.image_processor(rgb)
+
+    def __getitem__(self, index: int) -> dict | None:
+        record = self.read_record(index)
+        conversations = record.get("conversations")
+        if not conversations:
+            raise DataError(f"{self.records_path}: record {index} has no conversations")
+        try:
+            enc = encode_conversation_info(conversations, self.tokenizer, self.tokens_per_image, self.ctx_len)
+        except DataError as e:
+            raise DataError(f"{self.records_path}: record {index}: {e}") from None
+        images = record_images(record)
+        if enc.n_images != len(images):
+            raise DataError(f"{self.records_path}: record {index} has {enc.n_images} <image> markers and {len(images)} images")
+        try:
+            # images whose placeholders were truncated away are not loaded
+            pixels = [self._load_image(rel, index) for rel in images[: enc.n_images_kept]]
+        except DataError as e:
+            if not self.skip_bad_images:
+                raise
+            self.n_skipped += 1
+            log.warning("skipping sample %d: %s", index, e)
+            return None
+        return {
+            "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+            "labels": torch.tensor(enc.labels, dtype=torch.long),
+            "images": pixels,
+            "truncated": enc.truncated,
+            "index": index,
+            "id": record.get("id"),
+        }
+
+
+def _stack_images(images: Sequence[Any]) -> Any:
+    if isinstance(images[0], dict):
+        return {key: torch.stack([im[key] for im in images]) for key in images[0]}
+    return torch.stack(list(images))
+
+
+def collate(batch: Sequence[dict | None]) -> dict | None:
+    """Right-pad ids with 0 and labels with -100; stack all images of the batch in order.
+
+    Returns input_ids/labels [B, T], images (tensor or dict of [N_img, 3, H, W], or None),
+    image_counts [B], n_skipped (dropped None samples), n_truncated, ids. Returns None when
+    every sample was dropped.
+    """
+    samples = [s for s in batch if s is not None]
+    n_skipped = len(batch) - len(samples)
+    if not samples:
+        return None
+    t_max = max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((len(samples), t_max), PAD_TOKEN_ID, dtype=torch.long)
+    labels = torch.full((len(samples), t_max), IGNORE_INDEX, dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        input_ids[i, :n] = s["input_ids"]
+        labels[i, :n] = s["labels"]
+    all_images = [im for s in samples for im in s["images"]]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "images": _stack_images(all_images) if all_images else None,
+        "image_counts": torch.tensor([len(s["images"]) for s in samples], dtype=torch.long),
+        "n_skipped": n_skipped,
+        "n_truncated": sum(bool(s.get("truncated")) for s in samples),
+        "ids": [s.get("id") for s in samples],
+    }
+
+
+class ResumableSampler(Sampler[int]):
+    """Seeded, sharded, resumable order over `range(dataset_len)`.
+
+    Each epoch's global order is a permutation drawn from (seed, epoch) (identity when
+    `shuffle=False`), padded by wrapping around (or trimmed with `drop_last`) to a multiple
+    of `world_size`; rank r takes positions r, r+W, r+2W... so shards are disjoint and of
+    equal length. The sampler counts the indices it has yielded in the current epoch:
+    `state_dict()` saves that count and `load_state_dict()` makes the next iteration start
+    right after it. Note that a DataLoader pulls indices ahead of the training step (its
+    prefetch), so a training loop that wants the exact position saves
+    `{"epoch": e, "consumed": samples_done_on_this_rank}` instead of `state_dict()`.
+    """
+
+    def __init__(self, dataset_len: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, drop_last: bool = False) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if dataset_len <= 0:
+            raise DataError("the dataset is empty")
+        if drop_last and dataset_len < world_size:
+            raise DataError(f"{dataset_len} samples cannot feed {world_size} ranks with drop_last")
+        self.dataset_len = dataset_len
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        if drop_last:
+            self.num_samples = dataset_len // world_size
+        else:
+            self.num_samples = math.ceil(dataset_len / world_size)
+        self.epoch = 0
+        self.consumed = 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch`; calling it again with the current epoch keeps a resumed position."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.consumed = 0
+
+    def indices(self, epoch: int | None = None) -> list[int]:
+        """This rank's full index list for `epoch` (default: the current one)."""
+        epoch = self.epoch if epoch is None else epoch
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.dataset_len, generator=g).tolist()
+        else:
+            order = list(range(self.dataset_len))
+        total = self.num_samples * self.world_size
+        if total > len(order):
+            order = (order * math.ceil(total / len(order)))[:total]
+        else:
+            order = order[:total]
+        return order[self.rank : total : self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        if self.consumed >= self.num_samples:  # a finished epoch iterated again without set_epoch
+            self.consumed = 0
+        idx = self.indices()
+        while self.consumed < self.num_samples:
+            i = idx[self.consumed]
+            self.consumed += 1
+            yield i
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "world_size": self.world_size, "dataset_len": self.dataset_len}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a saved position; a different world size resumes at the same global position."""
+        for key in ("seed", "dataset_len"):
+            if key in state and state[key] != getattr(self, key):
+                raise DataError(f"sampler state was saved with {key}={state[key]}, this run has {getattr(self, key)}",
+                                hint="resume with the same data and seed")
+        self.epoch = int(state["epoch"])
+        consumed = int(state["consumed"])
+        old_ws = int(state.get("world_size", self.world_size))
+        # ranks advance in lockstep, so consumed * world_size samples of the global order are done
+        self.consumed = min(consumed * old_ws // self.world_size, self.num_samples)
