@@ -1,4 +1,8 @@
-"""`vrwkv export`: convert one of our model dirs to the released .pth layouts."""
+"""`vrwkv export`: convert one of our model dirs to the released .pth layouts.
+
+    vrwkv export out/tiny/finetune --out tiny.pth                    # released VisualRWKV layout, fp16
+    vrwkv export out/1b5/finetune --out lm.pth --lm-only --dtype bf16  # the LM as an RWKV-LM .pth
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,36 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
 def export(
     model_dir: Annotated[str, typer.Argument(help="One of our output dirs (config.yaml + model.safetensors).")],
-    out: Annotated[str, typer.Option("--out", "-o", help="The .pth file to write.")],
-    lm_only: Annotated[bool, typer.Option("--lm-only", help="Write only the RWKV LM, as RWKV-LM's .pth layout.")] = False,
+    out: Annotated[str, typer.Option("--out", "-o", help="The .pth file to write (replaced atomically).")],
+    lm_only: Annotated[
+        bool,
+        typer.Option("--lm-only", help="Write only the RWKV LM, in RWKV-LM's .pth layout (names without `rwkv.`), "
+                     "which the `rwkv` pip package and RWKV-LM load."),
+    ] = False,
+    dtype: Annotated[
+        str,
+        typer.Option("--dtype", help="fp16 (as released, half the size of fp32), bf16, or fp32 (exact copy of a "
+                     "float32 model)."),
+    ] = "fp16",
 ) -> None:
     """Write a model dir as a released VisualRWKV .pth (or, with --lm-only, an RWKV .pth).
 
     Example: vrwkv export out/tiny/finetune --out tiny.pth
     """
-    from vrwkv_core.errors import NotImplementedYet
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise typer.BadParameter(f"{dtype!r} is not one of fp32, fp16, bf16", param_hint="--dtype")
+    from vrwkv_cli.common import console
+    from vrwkv_core.model.released import export_pth
 
-    raise NotImplementedYet("vrwkv export is not implemented yet")
+    info = export_pth(model_dir, out, dtype=dtype, lm_only=lm_only)
+    layout = "RWKV-LM" if lm_only else "released VisualRWKV"
+    console.print(
+        f"wrote {info['path']} ({layout} layout, {info['tensors']} tensors, {info['dtype']}, "
+        f"{info['bytes'] / 2**20:.1f} MiB)"
+    )

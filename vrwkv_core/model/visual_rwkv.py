@@ -15,6 +15,7 @@ ever truncated.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,7 +28,7 @@ from vrwkv_core.model.vision import ImageProcessor, VisionTowers
 from vrwkv_core.tokenizer import IMAGE_TOKEN_ID
 
 if TYPE_CHECKING:
-    from vrwkv_core.config import ModelSection
+    from vrwkv_core.config import ModelSection, Recipe
     from vrwkv_core.model.state import RWKVState
 
 __all__ = ["IMAGE_TOKEN_ID", "VisualRWKV", "splice_image_features"]
@@ -87,6 +88,21 @@ class VisualRWKV(nn.Module):
         self.vit = VisionTowers(model_cfg.vision, model_cfg.tokens_per_image)
         self.proj = build_projector(model_cfg.projector.type, self.vit.embed_dim, model_cfg.rwkv.n_embd)
         self.image_processor = ImageProcessor(model_cfg.vision)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path_or_dir: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> "VisualRWKV":
+        """Loads a released v7.00 `.pth`, one of our model dirs, or `hub:NAME` (strictly)."""
+        from vrwkv_core.model.checkpoint import load_visual_rwkv
+
+        return load_visual_rwkv(path_or_dir, device, dtype)
+
+    def save_pretrained(self, out_dir: str | Path, recipe: "Recipe") -> Path:
+        """Writes model.safetensors + config.yaml (the recipe) to out_dir, atomically."""
+        from vrwkv_core.model.checkpoint import save_pretrained
+
+        return save_pretrained(self, out_dir, recipe)
 
     @property
     def device(self) -> torch.device:
