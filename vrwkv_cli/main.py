@@ -93,7 +93,8 @@ def build_cli() -> TyperGroup:
     except Exception:  # broken metadata must not take the CLI down
         eps = []
     builtin_eps = {ep.name: ep.value for ep in eps if ep.dist is not None and ep.dist.name == DISTRIBUTION}
-    builtins = builtin_eps or BUILTINS
+    # Keep the documented order (entry-point metadata comes back sorted by name).
+    builtins = dict(sorted((builtin_eps or BUILTINS).items(), key=lambda kv: list(BUILTINS).index(kv[0]) if kv[0] in BUILTINS else len(BUILTINS)))
     for name, value in builtins.items():
         try:
             group.add_command(_to_command(name, _load(value)), name)

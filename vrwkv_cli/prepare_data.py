@@ -52,7 +52,10 @@ def llava(
     workers: Annotated[int, typer.Option(help="Worker processes checking records and decoding images (default: the CPU count, at most 8).", show_default=False, min=1)] = min(8, os.cpu_count() or 1),
     shuffle_seed: Annotated[Optional[int], typer.Option(help="Write data.jsonl in a seeded random order instead of source order.")] = None,
 ) -> None:
-    """Check every record and image of a LLaVA file; write the good records and a report."""
+    """Check every record and image of a LLaVA file; write the good records and a report.
+
+    Example: vrwkv prepare-data llava --json llava_v1_5_mix665k.json --image-folder data/images --out data/finetune
+    """
     from vrwkv_core.data.prepare import prepare_llava
 
     try:
@@ -71,7 +74,10 @@ def extract(
     archive: Annotated[Path, typer.Argument(help="A .zip or .tar(.gz/.bz2/.xz) archive.")],
     out: Annotated[Path, typer.Option("--out", help="Folder to extract into (created if missing).")],
 ) -> None:
-    """Extract an archive safely; re-running skips files already extracted with the right size."""
+    """Extract an archive safely; re-running skips files already extracted with the right size.
+
+    Example: vrwkv prepare-data extract images.zip --out data/images
+    """
     from vrwkv_core.data.archive import extract_archive
 
     report = extract_archive(archive, out, progress=RichProgress())
@@ -93,7 +99,10 @@ def synthetic_shapes(
     eval_: Annotated[int, typer.Option("--eval", help="Held-out images for the `shapes` benchmark (one question each).", min=0)] = 200,
     seed: Annotated[int, typer.Option(help="Same seed and sizes give byte-identical files.")] = 0,
 ) -> None:
-    """Write the synthetic shapes set: images, pretrain/finetune records and the `shapes` benchmark."""
+    """Write the synthetic shapes set: images, pretrain/finetune records and the `shapes` benchmark.
+
+    Example: vrwkv prepare-data synthetic-shapes --out data/shapes --train 2000 --eval 200
+    """
     from vrwkv_core.data.shapes import prepare_shapes
 
     path = prepare_shapes(out, n_train=train, n_eval=eval_, seed=seed, progress=RichProgress())
