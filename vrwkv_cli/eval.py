@@ -1,9 +1,11 @@
-"""`vrwkv eval`: generate benchmark answers (not yet), and `vrwkv eval score`: official metrics.
+"""`vrwkv eval`: generate benchmark answers and score them; `eval merge`: join shards; `eval score`: metrics.
 
+    vrwkv eval --model out/tiny/finetune --benchmark shapes --data-root data/shapes --out runs/shapes --json
     vrwkv eval score textvqa --answers answers.jsonl --annotations TextVQA_0.5.1_val.json --json
 
-The benchmark registry and the metrics live in `vrwkv_core.eval`; this module only parses
-arguments and prints (a Rich table, or with --json one JSON object as the last stdout line).
+Generation, resume, shards and the expected data tree: `vrwkv_core.eval.generate`; the
+benchmark registry and the metrics: `vrwkv_core.eval`. This module only parses arguments
+and prints (Rich tables, or with --json one JSON object as the last stdout line).
 """
 
 import json
@@ -25,30 +27,99 @@ class PromptStyle(str, Enum):
 @app.callback(invoke_without_command=True)
 def generate(
     ctx: typer.Context,
-    model: Annotated[Optional[str], typer.Option(help="Model dir (ours) or released VisualRWKV .pth.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Our output dir, a released .pth, or a registry name.")] = None,
     benchmark: Annotated[Optional[str], typer.Option(help="textvqa, vqav2, vqav2-testdev, gqa, scienceqa, pope or shapes.")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(help="Folder with the benchmark's questions, images and annotations.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder for answers.jsonl and the scores.")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(
+        help="The benchmark's folder in LLaVA's eval layout (e.g. playground/data/eval/textvqa, or its parent), "
+             "or a `prepare-data synthetic-shapes` folder.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder: answers.jsonl, scores.json; rerun to resume.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Answer only the first N questions (quick checks).")] = None,
-    shard: Annotated[Optional[str], typer.Option(help="I/N: answer the I-th of N interleaved shards (one per GPU).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Questions decoded together; lower it if you run out of memory.")] = 1,
+    shard: Annotated[Optional[str], typer.Option(
+        help="I/N (0 <= I < N): answer every N-th question from I, one shard per GPU; the last to finish merges.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Questions decoded together (answers do not depend on it); lower it if you run out of memory.")] = 8,
     device: Annotated[str, typer.Option(help="cuda, cuda:1, cpu or auto.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="bf16, fp16 or fp32.")] = "bf16",
-    prompt_style: Annotated[PromptStyle, typer.Option(help="Chat template of the model: v7 or v6.")] = PromptStyle.v7,
+    dtype: Annotated[str, typer.Option(help="bf16, fp16, fp32 or auto (bf16 on CUDA, fp32 on CPU).")] = "auto",
+    prompt_style: Annotated[PromptStyle, typer.Option(help="Prompt template: v7 (image first) or v6 (v6.0's image in the middle).")] = PromptStyle.v7,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 128,
+    download: Annotated[bool, typer.Option("--download", help="Fetch a registry model if it is not on disk.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object on the last line.")] = False,
 ) -> None:
     """Generate benchmark answers and score them; `vrwkv eval score` scores an answer file.
 
-    Example: vrwkv eval --model out/1b5/finetune --benchmark textvqa --data-root data/eval/textvqa --out runs/textvqa
+    Example: vrwkv eval --model out/1b5/finetune --benchmark textvqa --data-root playground/data/eval/textvqa --out runs/textvqa --batch-size 16
     """
     if ctx.invoked_subcommand is not None:
         return
-    from vrwkv_core.errors import NotImplementedYet
+    from vrwkv_core.errors import VrwkvError
 
-    raise NotImplementedYet(
-        "vrwkv eval: answer generation is not implemented yet",
-        hint="score an existing LLaVA answer file with `vrwkv eval score`",
-    )
+    missing = [flag for flag, value in (("--model", model), ("--benchmark", benchmark), ("--data-root", data_root),
+                                        ("--out", out)) if value is None]  # fmt: skip
+    if missing:
+        raise VrwkvError(f"vrwkv eval needs {', '.join(missing)}",
+                         hint="e.g. vrwkv eval --model out/tiny/finetune --benchmark shapes --data-root data/shapes --out runs/shapes")  # fmt: skip
+    from vrwkv_cli.common import RichProgress
+    from vrwkv_core.eval.generate import parse_shard, run_eval
+
+    report = run_eval(model, benchmark, data_root, out, limit=limit, shard=parse_shard(shard), batch_size=batch_size,
+                      device=device, dtype=dtype, prompt_style=prompt_style.value, max_new_tokens=max_new_tokens,
+                      download=download, progress=RichProgress())  # fmt: skip
+    _print_report(report, json_output)
+
+
+@app.command()
+def merge(
+    out: Annotated[Path, typer.Option(help="The --out folder of the sharded `vrwkv eval` runs.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object on the last line.")] = False,
+) -> None:
+    """Merge the shard answer files of OUT into answers.jsonl (question order) and score it.
+
+    Example: vrwkv eval merge --out runs/textvqa
+    """
+    from vrwkv_core.eval.generate import merge_and_score
+
+    _print_report(merge_and_score(out), json_output, generated=False)
+
+
+def _print_report(report: Any, json_output: bool, generated: bool = True) -> None:
+    """The generation summary (stderr with --json), then the scores."""
+    from rich.table import Table
+
+    from vrwkv_cli.common import console, err_console
+
+    summary = Table(title=f"{report.benchmark}: {report.out}")
+    summary.add_column("generation")
+    summary.add_column("value", justify="right")
+    if report.shard is not None:
+        summary.add_row("shard", f"{report.shard[0]}/{report.shard[1]}")
+    summary.add_row("questions", str(report.n_questions))
+    if generated:
+        summary.add_row("answered now", str(report.n_answered))
+        summary.add_row("already answered", str(report.n_skipped))
+        summary.add_row("missing images", str(report.n_missing_images))
+        qps = report.questions_per_s
+        summary.add_row("questions/s", f"{qps:.2f}" if qps else "n/a")
+    if report.merged is not None:
+        summary.add_row("answers in answers.jsonl", str(report.n_merged))
+    (err_console if json_output else console).print(summary)
+    if report.n_missing_images:  # the first few were logged as they were met
+        err_console.print(f"[yellow]{report.n_missing_images} question(s) skipped for a missing or unreadable image[/yellow]")
+    pending = ", ".join(map(str, report.pending_shards))
+    if pending and report.merged is None:
+        err_console.print(f"waiting for shard(s) {pending}: the last one to finish merges "
+                          f"(or run `vrwkv eval merge --out {report.out}`)", highlight=False)  # fmt: skip
+    elif pending:
+        err_console.print(f"[yellow]merged although shard(s) {pending} have not finished[/yellow]", highlight=False)
+    if report.score is None:
+        if json_output:
+            typer.echo(json.dumps(report.shard_json() if report.shard is not None else {"benchmark": report.benchmark}))
+        return
+    if json_output:
+        for note in _notes(report.score):
+            typer.echo(note, err=True)
+        typer.echo(json.dumps(report.score.to_json()))
+    else:
+        _print_table(report.score, report.merged)
+        console.print(f"answers: {report.merged}  scores: {report.scores_file}")
 
 
 @app.command()
