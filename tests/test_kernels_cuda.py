@@ -76,7 +76,7 @@ class EmulatedOps:
             if ckpt is not None:
                 sa[:, t] = sat.float()
                 if t % self.C == self.C - 1 or t == T - 1:
-                    ckpt.view(B, H, -1, N, N)[:, :, t // self.C] = S.float()  # row-major, as the kernel
+                    ckpt.view(B, H, -1, N, N)[:, :, t // self.C] = S.transpose(-1, -2).float()
         sT.copy_(S)
 
     def backward(self, r, log_w, k, v, a, b, dy, dsT, ckpt, sa, zero_s0, dr, dlog_w, dk, dv, da, db, ds0):
@@ -86,7 +86,7 @@ class EmulatedOps:
         G = torch.zeros(B, H, N, N, dtype=torch.float64) if dsT is None else dsT.double()
         ck = ckpt.view(B, H, -1, N, N).double()
         for c in reversed(range(ck.shape[2])):
-            S = ck[:, :, c]
+            S = ck[:, :, c].transpose(-1, -2)
             for t in reversed(range(c * self.C, min(T, (c + 1) * self.C))):
                 G = G + dy[:, t, ..., None] * r[:, t, :, None, :]
                 dv[:, t] = torch.einsum("bhij,bhj->bhi", G, k[:, t]).to(dv.dtype)
@@ -144,7 +144,6 @@ SHIM = r"""
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <thread>
 #include <vector>
 #define __global__
@@ -158,8 +157,6 @@ using std::min;
 struct dim3 { unsigned x = 0, y = 0, z = 0; };
 struct alignas(16) float4 { float x, y, z, w; };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
-struct alignas(8) float2 { float x, y; };
-inline float2 make_float2(float x, float y) { return {x, y}; }
 struct __nv_bfloat16 { uint16_t bits; };
 inline float __bfloat162float(__nv_bfloat16 h) {
   uint32_t u = uint32_t(h.bits) << 16; float f; std::memcpy(&f, &u, 4); return f;
@@ -170,27 +167,9 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 inline thread_local dim3 threadIdx, blockIdx;
 inline std::barrier<>* g_barrier = nullptr;
 inline void __syncthreads() { g_barrier->arrive_and_wait(); }
-// Warp shuffles: each lane posts its value in its warp's slots, then reads the source lane's;
-// two warp-wide barriers keep the slots of consecutive shuffles apart.
-struct EmuWarp { std::barrier<>* bar; float slot[32]; };
-inline std::vector<EmuWarp>* g_warps = nullptr;
-inline float emu_shfl(float v, int src) {
-  EmuWarp& w = (*g_warps)[threadIdx.x / 32];
-  w.slot[threadIdx.x % 32] = v;
-  w.bar->arrive_and_wait();
-  const float got = w.slot[src & 31];
-  w.bar->arrive_and_wait();
-  return got;
-}
-#define __shfl_sync(mask, v, src) emu_shfl((v), (src))
-#define __shfl_xor_sync(mask, v, m) emu_shfl((v), int(threadIdx.x % 32) ^ (m))
 template <class K> void emu_launch(int blocks, int threads, K kernel) {
   std::barrier<> bar(threads);
   g_barrier = &bar;
-  std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
-  std::vector<EmuWarp> warps(threads / 32);
-  for (auto& w : warps) w.bar = warp_bars.emplace_back(std::make_unique<std::barrier<>>(32)).get();
-  g_warps = &warps;
   for (int b = 0; b < blocks; ++b) {
     std::vector<std::thread> lanes;
     for (int t = 0; t < threads; ++t) lanes.emplace_back([=] { blockIdx.x = b; threadIdx.x = t; kernel(); });
@@ -202,13 +181,13 @@ template <class K> void emu_launch(int blocks, int threads, K kernel) {
 ENTRY = r"""
 extern "C" void emu_forward(int B, int T, int H, const F* r, const F* lw, const F* k, const F* v, const F* a,
                             const F* b, const float* s0, F* y, float* sT, float* ckpt, float* sa) {
-  if (ckpt) emu_launch(B * H, kThreads, [=] { wkv7_forward_kernel<true>(T, H, r, lw, k, v, a, b, s0, y, sT, ckpt, sa); });
-  else emu_launch(B * H, kThreads, [=] { wkv7_forward_kernel<false>(T, H, r, lw, k, v, a, b, s0, y, sT, nullptr, nullptr); });
+  if (ckpt) emu_launch(B * H, N, [=] { wkv7_forward_kernel<true>(T, H, r, lw, k, v, a, b, s0, y, sT, ckpt, sa); });
+  else emu_launch(B * H, N, [=] { wkv7_forward_kernel<false>(T, H, r, lw, k, v, a, b, s0, y, sT, nullptr, nullptr); });
 }
 extern "C" void emu_backward(int B, int T, int H, const F* r, const F* lw, const F* k, const F* v, const F* a,
                              const F* b, const F* dy, const float* dsT, const float* ckpt, const float* sa, int zero_s0,
                              F* dr, F* dlw, F* dk, F* dv, F* da, F* db, float* ds0) {
-  emu_launch(B * H, kThreads, [=] { wkv7_backward_kernel(T, H, r, lw, k, v, a, b, dy, dsT, ckpt, sa, zero_s0,
+  emu_launch(B * H, N, [=] { wkv7_backward_kernel(T, H, r, lw, k, v, a, b, dy, dsT, ckpt, sa, zero_s0,
                                                    dr, dlw, dk, dv, da, db, ds0); });
 }
 """

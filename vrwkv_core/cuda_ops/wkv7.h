@@ -20,7 +20,7 @@
 
 // Inputs r, log_w, k, v, a, b and output y have the build's element type (passed as void*).
 // s0 may be null (zero initial state); ckpt/sa are null when nothing is saved for backward,
-// otherwise ckpt is [B*H, ceil(T/C), N, N] (S after each chunk, row-major: [.., v index, k index]) and
+// otherwise ckpt is [B*H, ceil(T/C), N, N] (transposed: [.., k index, v index]) and
 // sa is [B,T,H,N] float32 (S_{t-1} a_t).
 cudaError_t vrwkv_wkv7_forward(int B, int T, int H, const void* r, const void* log_w, const void* k,
                                const void* v, const void* a, const void* b, const float* s0, void* y,

@@ -18,31 +18,13 @@ With sa_t = S_{t-1} a_t (saved by the forward) and gb_t = G_t b_t:
     da_t    = S_{t-1}^T gb_t
     G'_{t-1} = G_t diag(w_t) + gb_t a_t^T      (dL/d(initial state) = G'_0)
 
-Layout (one block of 128 threads = 4 warps per batch and head; N = 64). Each lane keeps an
-8 x 4 register tile of S (forward) or of S and G (backward): warp w owns rows 16w..16w+15,
-lane (rg, cg) rows 16w + 8rg + 0..7 and columns 4cg + 0..3. In training the forward writes
-S every C steps (chunk length; row-major checkpoints) and sa_t. Reductions over a row's columns
-(S a, S r, G k, G b) are shuffles within a half-warp, halving the values at each exchange
-(8 or 15 shuffles, then 8 to broadcast sa or gb back). The backward's reductions over rows
-(dr, dk, db, dw, da) sum the warp's two row groups by shuffles and the four warps through a
-double-buffered shared array, one barrier per step; the recurrence never waits on it. The
-backward walks the chunks in reverse and rebuilds S_{t-1} from S_t by inverting the step,
-S_{t-1} = (S_t - v_t k_t^T - sa_t b_t^T) diag(1/w_t), at most C steps from a checkpoint; with
-w >= exp(-exp(-0.5)) ~ 0.55 in the model this bounds the rounding growth (C = 16: relative
-gradient errors ~1e-6 to 1e-5 in float32).
-
-Why tiles. The previous kernel gave each thread one row (forward) or one row and column
-(backward) and read every per-step vector element from shared memory for a single FMA-sized
-use. Shared memory delivers 128 B per clock per SM to registers (a uniform-address LDS.128
-still costs 4 wavefronts), so with B*H = 512 blocks (about 4 per SM) it was bound at
-~2560 (forward) and ~4600 (backward) SM clocks per step: 5.3 and 9.5 ms at B=8, T=4096,
-H=64 on an H200, close to the measured 4.9 and 10.7 ms. A lane of the tiled kernel reuses
-each loaded element for 8 rows: per step it reads 28 floats and makes 24 shuffles in the
-forward (was 320 reads), 101 in the backward (was 576), and the backward no longer keeps G
-twice (14 instead of 16 FMAs per state element). Both are now bound by instruction issue
-(~1000 and ~2500 clocks per step per SM sub-partition with 4 warps each): about 2.1 ms
-forward and 5.1 ms backward at 1.98 GHz before stalls. Registers: forward 80-96, backward
-127 (capped at 128 so that 4 blocks fit an SM), no spills.
+The forward keeps row i of S in thread i's registers and, when a gradient is needed,
+writes S every C steps (chunk length) and sa_t. The backward walks the chunks in reverse;
+thread j holds column j of S and of G (for the reductions over i: dr, dk, db, dw, da) and
+row j of G (for the reductions over the column index: dv, gb). It rebuilds S_{t-1} from
+S_t by inverting the step, S_{t-1} = (S_t - v_t k_t^T - sa_t b_t^T) diag(1/w_t), at most C
+steps from a checkpoint; with w >= exp(-exp(-0.5)) ~ 0.55 in the model this bounds the
+rounding growth (C = 16: relative gradient errors ~1e-6 to 1e-5 in float32).
 
 The extension is built on first use from the installed package's sources, one build per
 head size, chunk length and element type (bf16 or fp32; fp16 and fp64 inputs run in fp32),
@@ -68,7 +50,7 @@ from vrwkv_core.errors import VrwkvError
 
 SUPPORTED_HEAD_SIZES = (64,)
 DEFAULT_CHUNK_LEN = 16
-MAX_CHUNK_LEN = 16  # the backward's shared memory (9 x C x N + 2 x 4 x 5 x N floats) must fit in 48 KB
+MAX_CHUNK_LEN = 16  # the backward's shared-memory tiles (9 x C x N floats) must fit in 48 KB
 POISON_OUTPUTS = os.environ.get("VRWKV_KERNEL_DEBUG", "") not in ("", "0")
 
 _SOURCES = ("wkv7.h", "wkv7.cu", "wkv7_op.cpp")
