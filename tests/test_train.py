@@ -85,24 +85,100 @@ def test_deepspeed_config_from_hardware():
 
     hw = load_recipe(None, ["hardware.strategy=deepspeed_stage_2", "hardware.ds_bucket_mb=100",
                             "hardware.cpu_offload=true"]).hardware  # fmt: skip
-    cfg = deepspeed_config(hw)
+    cfg = deepspeed_config(hw, micro_batch=8)
     assert cfg["zero_optimization"]["stage"] == 2
     assert cfg["zero_optimization"]["reduce_bucket_size"] == 100_000_000
-    assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    assert cfg["bf16"]["enabled"] is True
+    assert cfg["zero_optimization"]["allgather_bucket_size"] == 100_000_000
+    assert cfg["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert "offload_param" not in cfg["zero_optimization"], "parameters are offloaded at stage 3 only"
+    assert cfg["bf16"] == {"enabled": True}
+    assert cfg["train_micro_batch_size_per_gpu"] == 8
+    # Lightning fills these from the Trainer (grad_clip, grad_accum); a value here would win.
+    assert "gradient_clipping" not in cfg and "gradient_accumulation_steps" not in cfg
+    assert cfg["zero_force_ds_cpu_optimizer"] is False, "offload must accept the torch AdamW fallback"
     hw3 = load_recipe(None, ["hardware.strategy=deepspeed_stage_3", "hardware.precision=fp32"]).hardware
     cfg3 = deepspeed_config(hw3)
     assert cfg3["zero_optimization"]["stage"] == 3 and cfg3["bf16"]["enabled"] is False
-    assert "offload_optimizer" not in cfg3["zero_optimization"]
+    assert cfg3["zero_optimization"]["stage3_prefetch_bucket_size"] == 200_000_000
+    assert "offload_optimizer" not in cfg3["zero_optimization"] and "train_micro_batch_size_per_gpu" not in cfg3
+    hw3o = load_recipe(None, ["hardware.strategy=deepspeed_stage_3", "hardware.cpu_offload=true"]).hardware
+    assert deepspeed_config(hw3o)["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert deepspeed_config(load_recipe(None, ["hardware.strategy=deepspeed_stage_1"]).hardware)["zero_optimization"]["stage"] == 1
+
+
+def test_optimizer_choice_falls_back_to_torch_adamw(monkeypatch):
+    import sys
+
+    from vrwkv_core.train.module import build_optimizer
+
+    st = load_recipe(None, ["pretrain.lr_init=0.01"]).pretrain
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(3, 3))], "weight_decay": 0.1}]
+    opt, name = build_optimizer(groups, st, load_recipe(None, []).hardware)
+    assert isinstance(opt, torch.optim.AdamW) and name == "torch AdamW (fused)"
+    assert opt.defaults["betas"] == (0.9, 0.99) and opt.param_groups[0]["lr"] == 0.01
+    assert opt.param_groups[0]["weight_decay"] == 0.1
+    # DeepSpeed's ops cannot be built (here: cannot even be imported): AdamW, and the log says why.
+    monkeypatch.setitem(sys.modules, "deepspeed.ops.adam", None)
+    hw = load_recipe(None, ["hardware.strategy=deepspeed_stage_2", "hardware.cpu_offload=true"]).hardware
+    opt, name = build_optimizer(groups, st, hw)
+    assert isinstance(opt, torch.optim.AdamW) and "DeepSpeed's Adam could not be built" in name
+    opt, name = build_optimizer(groups, st, load_recipe(None, ["hardware.strategy=deepspeed_stage_1"]).hardware)
+    assert isinstance(opt, torch.optim.AdamW) and name.startswith("torch AdamW (fused)")
+
+
+def test_several_devices_mean_ddp_and_rank_zero_is_read_from_the_launch_env(monkeypatch):
+    from vrwkv_core.train.strategy import is_launch_rank_zero, trainer_hardware
+
+    hw = trainer_hardware(load_recipe(None, ["hardware.accelerator=cpu", "hardware.devices=2", "hardware.precision=fp32"]).hardware)
+    assert hw == {"accelerator": "cpu", "devices": 2, "num_nodes": 1, "precision": "32-true", "strategy": "ddp"}
+    assert trainer_hardware(load_recipe(None, ["hardware.accelerator=cpu"]).hardware)["strategy"] == "auto"
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "SLURM_NTASKS", "JSM_NAMESPACE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert is_launch_rank_zero()
+    monkeypatch.setenv("LOCAL_RANK", "1")  # Lightning's second process on a node
+    assert not is_launch_rank_zero()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("NODE_RANK", "1")  # the first process of the second node
+    assert not is_launch_rank_zero()
+    monkeypatch.delenv("NODE_RANK")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # an interactive one-task allocation: not a rank
+    assert is_launch_rank_zero()
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert not is_launch_rank_zero()
+    monkeypatch.setenv("RANK", "0")  # torchrun's RANK wins
+    assert is_launch_rank_zero()
+
+
+def test_importing_training_code_does_not_import_deepspeed():
+    import subprocess
+    import sys
+
+    code = ("import sys, vrwkv_core.train.runner, vrwkv_core.train.module, vrwkv_core.train.callbacks, "
+            "vrwkv_core.train.strategy, vrwkv_core.train.deepspeed_config, vrwkv_cli.train; "
+            "sys.exit('deepspeed' in sys.modules)")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
-@pytest.mark.parametrize("override", ["hardware.strategy=deepspeed_stage_1", "hardware.accelerator=gpu"])
+@pytest.mark.parametrize("override", ["hardware.strategy=deepspeed_stage_1", "hardware.accelerator=gpu",
+                                      "hardware.strategy=deepspeed_stage_3 hardware.accelerator=cpu"])
 def test_gpu_requests_fail_early_without_gpu(override):
     from vrwkv_core.train.strategy import trainer_hardware
 
     with pytest.raises(RecipeError, match="no CUDA GPU"):
-        trainer_hardware(load_recipe(None, [override]).hardware)
+        trainer_hardware(load_recipe(None, override.split()).hardware)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_run_stage_checks_the_hardware_before_anything_else(tmp_path):
+    from vrwkv_core.train import run_stage
+
+    recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"data.root={tmp_path / 'none'}", "data.synthetic=false",
+                                                           "hardware.strategy=deepspeed_stage_1"])  # fmt: skip
+    with pytest.raises(RecipeError, match="asks for DeepSpeed but this machine has no CUDA GPU"):
+        run_stage(recipe, "pretrain")
+    assert not (tmp_path / "none").exists()
 
 
 def test_missing_inputs_are_reported_before_building(tmp_path):

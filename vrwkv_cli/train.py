@@ -1,4 +1,9 @@
-"""`vrwkv pretrain` and `vrwkv finetune`: load the recipe, run one training stage."""
+"""`vrwkv pretrain` and `vrwkv finetune`: load the recipe, run one training stage.
+
+With several devices (hardware.devices, hardware.nodes) Lightning starts one process per
+extra device by re-running this same command; only the first process draws progress
+and prints the summary.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,10 @@ OverridesArg = Annotated[
     Optional[list[str]],
     typer.Argument(help="key=value overrides, e.g. pretrain.micro_batch=4 (lower it if you run out of memory)."),
 ]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue exactly from out_dir/last.ckpt.")]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option("--resume", help="Continue exactly from out_dir/last.ckpt (prev.ckpt if last.ckpt is damaged)."),
+]
 PrintOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved recipe as YAML and exit.")]
 
 
@@ -26,15 +34,19 @@ def _stage(stage: str, recipe_path: str, overrides: list[str] | None, resume: bo
     if print_config:
         typer.echo(recipe_to_yaml(recipe), nl=False)
         return
+    from vrwkv_core.progress import Progress
     from vrwkv_core.train import run_stage
+    from vrwkv_core.train.strategy import is_launch_rank_zero
     from vrwkv_cli.common import RichProgress, err_console
 
-    progress = RichProgress()
+    first = is_launch_rank_zero()
+    progress = RichProgress() if first else Progress()
     try:
         out_dir = run_stage(recipe, stage, resume=resume, progress=progress)
     finally:
         progress.close()
-    err_console.print(f"[green]{stage} done[/green]: {out_dir}")
+    if first:
+        err_console.print(f"[green]{stage} done[/green]: {out_dir}")
 
 
 @pretrain_app.command()

@@ -167,6 +167,8 @@ class StageSection:
     """Validation loss every this many steps (0 disables)."""
     seed: int = 42
     """Seed for init, data order and dropout."""
+    max_bad_steps: int = 10
+    """Stop after this many steps in a row with a non-finite loss or gradients (each is skipped, not applied)."""
 
 
 @dataclass
@@ -189,6 +191,8 @@ class HardwareSection:
     """Recompute block activations in backward to save memory."""
     ds_bucket_mb: int = 200
     """DeepSpeed reduce/allgather bucket size in MB."""
+    deterministic: bool = False
+    """Deterministic algorithms for bit-exact reruns and resumes on GPU (slower); CPU runs are deterministic already."""
 
 
 @dataclass
@@ -256,7 +260,11 @@ def _validate(recipe: Recipe, source: str) -> None:
         if _get(recipe, key) <= 0:
             raise bad(key, "must be positive")
     side = round(recipe.model.tokens_per_image**0.5)
-    if side * side != recipe.model.tokens_per_image:
+    if "clip" in recipe.model.vision.towers:
+        # CLIP (v6.0) is not pooled: its 24x24 patch rows plus the CLS row.
+        if recipe.model.tokens_per_image != 577:
+            raise bad("model.tokens_per_image", "the clip tower gives 577 tokens (576 patches + CLS)")
+    elif side * side != recipe.model.tokens_per_image:
         raise bad("model.tokens_per_image", f"{recipe.model.tokens_per_image} is not a square number")
     for tower in recipe.model.vision.towers:
         if tower not in _TOWERS:
@@ -269,7 +277,7 @@ def _validate(recipe: Recipe, source: str) -> None:
             for part in getattr(st, key):
                 if part not in _TRAINABLE:
                     raise bad(f"{stage}.{key}", f"unknown part {part!r}; choose from {', '.join(_TRAINABLE)}")
-        for key in ("max_steps", "micro_batch", "grad_accum"):
+        for key in ("max_steps", "micro_batch", "grad_accum", "max_bad_steps"):
             if getattr(st, key) <= 0:
                 raise bad(f"{stage}.{key}", "must be positive")
     if not 0.0 <= recipe.data.val_fraction < 1.0:

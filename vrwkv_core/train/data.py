@@ -60,13 +60,17 @@ class StageData(pl.LightningDataModule):
         return self._loader(Subset(self.dataset, self.val_idx), sampler)
 
     def state_dict(self) -> dict[str, Any]:
-        """The sampler position after the last completed optimizer step (not the prefetch)."""
+        """The sampler position after the last trained batch (not the loader's prefetch).
+
+        Lightning saves from on_train_batch_end, before it counts the batch as completed,
+        so `processed` is the number of batches done in this epoch in every case. The epoch
+        is the sampler's own: after the last step of a run Lightning's epoch already moved on.
+        """
         if self.sampler is None or self.trainer is None:
             return {}
-        consumed_batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        done_batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         state = self.sampler.state_dict()
-        state["consumed"] = min(consumed_batches * self.stage.micro_batch, len(self.sampler))
-        state["epoch"] = self.trainer.current_epoch
+        state["consumed"] = min(done_batches * self.stage.micro_batch, len(self.sampler))
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -5,11 +5,21 @@ sample, then over the samples of the batch. The head runs only on labelled posit
 a 2048-token sample with a 20-token answer costs 20 head rows, not 2048. The optional
 logit regulariser is RWKV training's "L2Wrap": it adds coef * mean(max_logit^2) / 2, whose
 gradient pushes each position's largest logit towards 0.
+
+A step whose loss or gradients are not finite on any rank is skipped on every rank (the
+flag is all-reduced; the gradients are dropped so AdamW leaves weights and moments alone;
+under DeepSpeed its own overflow check skips the step); StageMonitor counts such steps.
+The optimizer is torch's fused AdamW, or under DeepSpeed its CPU-Adam (with CPU offload)
+or FusedAdam, falling back to AdamW when DeepSpeed's ops cannot be built.
+VRWKV_TRACE_BATCHES=1 appends "step, exact loss, sample ids" of every micro batch to
+out_dir/ranks/rank{r}.txt (a debugging and test aid).
 """
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
@@ -17,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from vrwkv_core.config import Recipe, StageSection
+    from vrwkv_core.config import HardwareSection, Recipe, StageSection
     from vrwkv_core.model.visual_rwkv import VisualRWKV
 
 IGNORE_INDEX = -100
+TRACE_ENV = "VRWKV_TRACE_BATCHES"
 
 
 def _part_modules(model: "VisualRWKV", part: str) -> list[torch.nn.Module]:
@@ -106,6 +117,12 @@ class StageModule(pl.LightningModule):
         model.rwkv.grad_checkpoint = recipe.hardware.grad_checkpoint
         self.tokens_seen = 0
         self.skipped_samples = 0
+        self.last_step_bad = False  # the last optimizer step was skipped (non-finite)
+        self.optimizer_name = ""
+        self._loss_bad: torch.Tensor | None = None
+        self._trace = os.environ.get(TRACE_ENV, "") not in ("", "0")
+        # DeepSpeed owns the gradients (in its own buffers) and skips overflowing steps itself.
+        self._deepspeed = recipe.hardware.strategy.startswith("deepspeed")
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         hidden, _ = self.model(batch["input_ids"], batch.get("images"), batch.get("image_counts"), logits="hidden")
@@ -113,12 +130,43 @@ class StageModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
         if batch is None:  # every sample of the batch had a bad image and was dropped
-            return None
+            if self.trainer.world_size == 1:
+                return None
+            # DDP needs a backward on every rank: a zero loss that touches every trainable weight.
+            return sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), torch.zeros((), device=self.device))
         self.skipped_samples += int(batch.get("n_skipped", 0))
         loss, n_tokens = self(batch)
+        bad = ~torch.isfinite(loss.detach())  # stays on the device: no sync per micro batch
+        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
         self.tokens_seen += int(batch["input_ids"].numel())
+        if self._trace:
+            self._write_trace(batch, loss)
         self.log("train_loss", loss.detach(), prog_bar=False, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """After backward (and DDP's all-reduce), before clipping: skip non-finite steps on all ranks."""
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        if self._loss_bad is not None:
+            bad = bad | self._loss_bad.to(self.device)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            bad = bad | ~torch.isfinite(torch.nn.utils.get_total_norm(grads).to(self.device))
+        flag = bad.float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.last_step_bad = bool(flag.item())
+        self._loss_bad = None
+        if self.last_step_bad and not self._deepspeed:
+            for p in self.parameters():
+                p.grad = None  # AdamW skips weights without a gradient: no update, no decay, no moments
+
+    def _write_trace(self, batch: dict[str, Any], loss: torch.Tensor) -> None:
+        folder = Path(self.stage.out_dir) / "ranks"
+        folder.mkdir(parents=True, exist_ok=True)
+        ids = " ".join(str(i) for i in batch.get("ids") or [])
+        with open(folder / f"rank{self.global_rank}.txt", "a", encoding="utf-8") as f:
+            f.write(f"{self.global_step + 1}\t{float(loss.detach())!r}\t{ids}\n")
 
     def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
         if batch is None:
@@ -135,7 +183,32 @@ class StageModule(pl.LightningModule):
             (decay if p.ndim >= 2 and not name.endswith("emb.weight") else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": self.stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
-        optimizer = torch.optim.AdamW(groups, lr=self.stage.lr_init, betas=(0.9, 0.99), eps=1e-8)
+        optimizer, self.optimizer_name = build_optimizer(groups, self.stage, self.recipe.hardware)
         base = self.stage.lr_init
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, self.stage) / base)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def build_optimizer(groups: list[dict[str, Any]], stage: "StageSection", hw: "HardwareSection") -> tuple[Any, str]:
+    """(optimizer, a name for the log): AdamW with betas (0.9, 0.99), eps 1e-8, in the best
+    implementation the hardware allows."""
+    kw = {"lr": stage.lr_init, "betas": (0.9, 0.99), "eps": 1e-8}
+    params = [p for g in groups for p in g["params"]]
+    note = ""
+    if hw.strategy.startswith("deepspeed"):
+        # DeepSpeed moves the weights to the GPU after this runs: decide by the machine.
+        try:
+            if hw.cpu_offload:
+                from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw), "DeepSpeedCPUAdam"
+            if torch.cuda.is_available():
+                from deepspeed.ops.adam import FusedAdam
+
+                return FusedAdam(groups, adam_w_mode=True, **kw), "DeepSpeed FusedAdam"
+        except Exception as err:  # the ops are JIT-built: no compiler, no CUDA toolkit...
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            note = f" (DeepSpeed's Adam could not be built: {first})"
+    # The fused kernel (CPU and CUDA) is several times faster than the per-tensor loop.
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, fused=fused, **kw), f"torch AdamW{' (fused)' if fused else ''}{note}"

@@ -1,9 +1,17 @@
 """The stage runner: checks inputs, builds model and data, trains with Lightning, writes outputs.
 
     run_stage(load_recipe("recipes/tiny.yaml"), "pretrain")
+    run_stage(recipe, "pretrain", resume=True)      # continue from out_dir/last.ckpt
 
 Writes to the stage's out_dir: config.yaml + model.safetensors (the model, loadable alone),
-last.ckpt (Lightning's resumable checkpoint), metrics.csv and loss.png, each atomically.
+last.ckpt and prev.ckpt (Lightning's resumable checkpoints) with their manifest
+checkpoints.json, metrics.csv and loss.png, each atomically, from rank 0 only.
+
+Order matters: the hardware is checked first (a GPU recipe on a CPU machine fails before
+anything loads), then the input files, then the checkpoint to resume from (damaged files
+are skipped with a warning), then the model is built and compared with the checkpoint's
+recipe (changed keys are reported; a changed model is refused). Under DDP Lightning
+re-runs the command in one process per extra device; each runs this function.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import torch
 
 from vrwkv_core.errors import CheckpointError, DataError, RecipeError
 from vrwkv_core.progress import NULL_PROGRESS, Progress
+from vrwkv_core.train.checkpoints import LAST, PREV
 
 if TYPE_CHECKING:
     from vrwkv_core.config import Recipe
@@ -66,8 +75,9 @@ def check_inputs(recipe: "Recipe", stage: str, resume: bool, progress: Progress)
             spec = getattr(recipe.model.vision.checkpoints, tower, None)
             if spec:
                 paths[f"tower:{tower}"] = resolve(spec)
-    if resume and not (Path(st.out_dir) / "last.ckpt").is_file():
-        raise CheckpointError(f"{Path(st.out_dir) / 'last.ckpt'}: nothing to resume", hint="drop --resume to start fresh")
+    out = Path(st.out_dir)
+    if resume and not ((out / LAST).exists() or (out / PREV).exists()):
+        raise CheckpointError(f"{out / LAST}: nothing to resume", hint="drop --resume to start fresh")
     return paths
 
 
@@ -83,7 +93,9 @@ def build_model(recipe: "Recipe", paths: dict[str, Path]) -> "VisualRWKV":
             model, _ = load_pretrained(init)
         else:
             model = VisualRWKV.from_checkpoint(init)
-        return model.float()
+        # Loaders return eval mode; Lightning keeps a module's mode, so switch back (frozen
+        # towers stay in eval mode: see apply_trainable).
+        return model.float().train()
     torch.manual_seed(0)
     model = VisualRWKV(recipe.model)
     if "lm" in paths:
@@ -118,36 +130,61 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # Frozen towers are in eval mode on purpose (apply_trainable).
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
+    # StageData (the datamodule) saves and restores the sampler position, not the loader.
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 
 
-def _trainer_kwargs(recipe: "Recipe") -> dict[str, Any]:
-    from vrwkv_core.train.strategy import trainer_hardware
+def _saved_recipe(path: Path, entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The resolved recipe a checkpoint was written with (its manifest entry, else the file)."""
+    if entry is not None and isinstance(entry.get("recipe"), dict):
+        return entry["recipe"]
+    if not path.is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
+                              hint="drop --resume to start fresh") from None  # fmt: skip
+    state = ckpt.get("callbacks", {}).get("StageMonitor", {})
+    return state.get("recipe") if isinstance(state, dict) else None
 
-    return trainer_hardware(recipe.hardware)
+
+def _report_drift(saved: dict[str, Any] | None, recipe: "Recipe", stage: str, progress: Progress) -> None:
+    from vrwkv_core.config import recipe_to_dict
+    from vrwkv_core.train.checkpoints import recipe_drift
+
+    if saved is None:
+        progress.log("warning: the checkpoint holds no recipe: changes to the recipe cannot be checked")
+        return
+    lines = recipe_drift(saved, recipe_to_dict(recipe), stage)
+    if lines:
+        shown = lines[:12] + ([f"... and {len(lines) - 12} more"] if len(lines) > 12 else [])
+        progress.log("warning: the recipe differs from the checkpoint's:\n  " + "\n  ".join(shown))
 
 
 def run_stage(recipe: "Recipe", stage: str, resume: bool = False, progress: Progress | None = None) -> Path:
     """Runs one stage (`pretrain` or `finetune`) of a recipe and returns its out_dir."""
     import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from vrwkv_core.train.callbacks import StageMonitor, format_table
+    from vrwkv_core.train.checkpoints import find_resumable
     from vrwkv_core.train.data import StageData
+    from vrwkv_core.train.failures import is_out_of_memory, out_of_memory_error, sigterm_stop
     from vrwkv_core.train.module import StageModule, parameter_table
+    from vrwkv_core.train.strategy import trainer_hardware
 
     progress = progress or NULL_PROGRESS
     _quiet_lightning()
-    paths = check_inputs(recipe, stage, resume, progress)
+    if stage not in STAGES:
+        raise RecipeError(f"unknown stage {stage!r}; choose pretrain or finetune")
     st = getattr(recipe, stage)
     out_dir = Path(st.out_dir)
-    hw = _trainer_kwargs(recipe)
-    pl.seed_everything(st.seed, workers=True, verbose=False)
-    model = build_model(recipe, paths)
-    # The saved recipe describes the model actually trained (e.g. taken from init_from).
-    recipe = replace(recipe, model=model.config) if hasattr(model, "config") else recipe
-    module = StageModule(model, recipe, stage)
-    progress.log(format_table(parameter_table(model), f"{stage}: parameters"))
-    data = StageData(recipe, stage, paths, model.image_processor, model.tokens_per_image)
+    hw = trainer_hardware(recipe.hardware, micro_batch=st.micro_batch)  # first: no GPU is a clear error
     monitor = StageMonitor(recipe, stage, out_dir, progress)
+    deterministic = recipe.hardware.deterministic
     trainer = pl.Trainer(
         **hw,
         max_steps=st.max_steps,
@@ -165,9 +202,36 @@ def run_stage(recipe: "Recipe", stage: str, resume: bool = False, progress: Prog
         default_root_dir=str(out_dir),
         use_distributed_sampler=False,
         log_every_n_steps=1,
+        deterministic="warn" if deterministic else None,
     )
+    if not trainer.is_global_zero:  # DDP's extra processes run this too: rank 0 alone reports
+        progress = monitor.progress = NULL_PROGRESS
+    paths = check_inputs(recipe, stage, resume, progress)
+    ckpt_path: Path | None = None
+    if resume:
+        ckpt_path, entry, warnings = find_resumable(out_dir)
+        for warning in warnings:
+            progress.log(f"warning: {warning}")
+        monitor.writer.entries = [entry] if entry else []
+    pl.seed_everything(st.seed, workers=True, verbose=False)
+    model = build_model(recipe, paths)
+    # The saved recipe describes the model actually trained (e.g. taken from init_from).
+    recipe = replace(recipe, model=model.config) if hasattr(model, "config") else recipe
+    if ckpt_path is not None:
+        _report_drift(_saved_recipe(ckpt_path, entry), recipe, stage, progress)
+    module = StageModule(model, recipe, stage)
+    monitor.recipe = recipe
+    progress.log(format_table(parameter_table(model), f"{stage}: parameters"))
+    data = StageData(recipe, stage, paths, model.image_processor, model.tokens_per_image)
     started = time.perf_counter()
-    # Resume loads with weights_only=True: our checkpoints hold tensors and plain data only.
-    trainer.fit(module, datamodule=data, ckpt_path=str(out_dir / "last.ckpt") if resume else None, weights_only=True)
+    try:
+        # weights_only=True: our checkpoints hold tensors and plain data only.
+        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    except SIGTERMException:
+        raise sigterm_stop(stage, trainer.global_step) from None
+    except BaseException as err:
+        if is_out_of_memory(err):
+            raise out_of_memory_error(recipe, stage, trainer.global_step) from err
+        raise
     monitor.finish(trainer, module, started)
     return out_dir
