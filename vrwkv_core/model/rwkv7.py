@@ -1,0 +1,631 @@
+"""The RWKV-7 ("x070", Goose) language model: one forward for training, prefill and decoding.
+
+Notable:
+- Parameter names are the official RWKV-7 layout (`emb.weight`, `blocks.{i}.att.x_r`, ...,
+  `head.weight`), so `state_dict()` is an RWKV-7 World checkpoint and
+  `from_checkpoint` loads the released `.pth` files unchanged (dims and LoRA widths are
+  read from the tensors; loading is strict).
+- `forward(idx | embeds, state, logits="all"|"last"|"hidden")` runs any T >= 1 through the
+  chunked WKV kernel (`vrwkv_core.kernels.wkv7`); T == 1 takes a direct fp32 state update
+  instead (no kernel padding), which is the decode path. Decoding after a prefill gives
+  the logits of one forward over the concatenation.
+- The WKV state is always float32; weights and activations may be float32 or bfloat16.
+- `grad_checkpoint = True` recomputes each block in backward when training.
+- `optimize_for_inference()` tunes the CPU weight layout for decoding (column-major fp32
+  matrices, oneDNN-packed bf16 copies); the state dict and the function stay the same.
+
+Time mix per token (see shared/reference/VISUALRWKV_V0700.md, "RWKV-7 time mix"):
+log-decay log_w = -exp(-0.5) * sigmoid(z) is evaluated as -exp(-softplus(-z) - 0.5) in
+float32, which stays accurate for large |z|; the kernel gets a = -kk, b = kk * a_gate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vrwkv_core.config import RWKVSection
+from vrwkv_core.errors import CheckpointError
+from vrwkv_core.model.state import RWKVState
+
+GROUPNORM_EPS = 64e-5  # RWKV-LM: 1e-5 * head_size_divisor**2 with divisor 8
+LOGITS_MODES = ("all", "last", "hidden")
+
+
+@dataclass(frozen=True)
+class LoraDims:
+    """Widths of the four low-rank projections of the time mix (w1/a1/v1/g1 columns)."""
+
+    decay: int
+    aaa: int
+    mv: int
+    gate: int
+
+    @classmethod
+    def default(cls, n_embd: int) -> "LoraDims":
+        """RWKV-LM's widths: 64/64/32/128 at C=768, 64/64/32/160 at 1024, 96/96/64/256 at 2048."""
+        C = n_embd
+
+        def r32(x: float) -> int:
+            return max(32, int(round(x / 32)) * 32)
+
+        return cls(decay=r32(1.8 * C**0.5), aaa=r32(1.8 * C**0.5), mv=r32(1.3 * C**0.5), gate=r32(0.6 * C**0.8))
+
+
+class Linear(nn.Linear):
+    """A bias-free nn.Linear whose CPU layout `RWKV7.optimize_for_inference` can tune."""
+
+    _packed: tuple[torch.Tensor, int, int] | None = None  # see _pack_bf16
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__(n_in, n_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(self, x)
+
+    @torch.no_grad()
+    def optimize_for_inference(self) -> None:
+        """fp32 CPU: column-major weight storage; bf16 CPU: a oneDNN-packed copy."""
+        w = self.weight
+        if w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous():
+            # MKL's M=1 gemm streams an [in, out] matrix ~1.6x faster than [out, in] (the
+            # `rwkv` package stores its matrices transposed for this); the parameter keeps
+            # its shape, only its strides change.
+            self.weight.data = w.t().contiguous().t()
+        self._packed = _pack_bf16(w, w)
+
+
+def _pack_bf16(w_out_in: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, int, int] | None:
+    """A oneDNN-packed copy of a bf16 CPU weight [out, in] for no-grad matmuls (torch's own
+    bf16 gemv is ~2x slower), tagged with `source`'s storage and version counter so that a
+    weight changed by training or loading is never read through a stale copy."""
+    if source.dtype != torch.bfloat16 or source.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w_out_in.detach().contiguous(), 1)
+    except (RuntimeError, AttributeError):  # a oneDNN build without bf16 support
+        return None
+    return packed, source._version, source.data_ptr()
+
+
+def _packed_ok(pk: tuple[torch.Tensor, int, int] | None, w: torch.Tensor, x: torch.Tensor) -> bool:
+    return (
+        pk is not None and x.dtype == torch.bfloat16 and pk[1] == w._version and pk[2] == w.data_ptr()
+        and not torch.is_grad_enabled()
+    )  # fmt: skip
+
+
+def _linear(m: Linear, x: torch.Tensor) -> torch.Tensor:
+    """m(x) without nn.Module call overhead; through m's packed bf16 copy where valid."""
+    w = m._parameters["weight"]
+    if _packed_ok(m._packed, w, x):
+        return torch.ops.mkldnn._linear_pointwise(x, m._packed[0], None, "none", [], "")
+    return F.linear(x, w)
+
+
+class TimeMix(nn.Module):
+    """RWKV-7 time mix (attention replacement) of one block."""
+
+    def __init__(self, cfg: RWKVSection, layer_id: int, lora: LoraDims) -> None:
+        super().__init__()
+        C, N = cfg.n_embd, cfg.head_size
+        H = C // N
+        self.layer_id, self.n_head, self.head_size = layer_id, H, N
+
+        def vec() -> nn.Parameter:
+            return nn.Parameter(torch.empty(1, 1, C))
+
+        def mat(rows: int, cols: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(rows, cols))
+
+        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (vec() for _ in range(6))
+        self.w0, self.w1, self.w2 = vec(), mat(C, lora.decay), mat(lora.decay, C)
+        self.a0, self.a1, self.a2 = vec(), mat(C, lora.aaa), mat(lora.aaa, C)
+        if layer_id > 0:  # layer 0 defines v_first and has no value-residual mix
+            self.v0, self.v1, self.v2 = vec(), mat(C, lora.mv), mat(lora.mv, C)
+        self.g1, self.g2 = mat(C, lora.gate), mat(lora.gate, C)
+        self.k_k, self.k_a = vec(), vec()
+        self.r_k = nn.Parameter(torch.empty(H, N))
+        self.receptance = Linear(C, C)
+        self.key = Linear(C, C)
+        self.value = Linear(C, C)
+        self.output = Linear(C, C)
+        self.ln_x = nn.GroupNorm(H, C, eps=GROUPNORM_EPS)
+        self._packed: dict[str, tuple[torch.Tensor, int, int]] = {}  # LoRA matrices, see _pack_bf16
+
+    def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x @ self.<name> (a LoRA matrix [in, out]), through its packed bf16 copy where valid."""
+        w = self._parameters[name]
+        pk = self._packed.get(name)
+        if _packed_ok(pk, w, x):
+            return torch.ops.mkldnn._linear_pointwise(x, pk[0], None, "none", [], "")
+        return x @ w
+
+    @torch.no_grad()
+    def optimize_for_inference(self) -> None:
+        """Packs the bf16 LoRA matrices (they are [in, out], so the packed weight is w.T)."""
+        self._packed = {}
+        for name in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"):
+            w = self._parameters.get(name)
+            pk = _pack_bf16(w.t(), w) if w is not None else None
+            if pk is not None:
+                self._packed[name] = pk
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, C], the ln1 output
+        shift: torch.Tensor | None,  # [B, C], previous token's x
+        wkv_state: torch.Tensor | None,  # [B, H, N, N] fp32
+        v_first: torch.Tensor | None,  # [B, T, C], layer 0's v
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (output [B,T,C], v_first, new WKV state)."""
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        xx = _shifted(x, shift) - x
+        xr, xw, xk, xv, xa, xg = (
+            torch.addcmul(x, xx, m) for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
+        )
+        r = self.receptance(xr)
+        k = self.key(xk)
+        v = self.value(xv)
+        lora = self._lora
+        w = lora("w2", torch.tanh(lora("w1", xw)))
+        a = torch.sigmoid(self.a0 + lora("a2", lora("a1", xa)))
+        g = lora("g2", torch.sigmoid(lora("g1", xg)))
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
+        k = k * (1 + (a - 1) * self.k_a)
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + lora("v2", lora("v1", xv)))
+        log_w = -torch.exp(-F.softplus(-(self.w0 + w).float()) - 0.5)  # log of the decay, fp32
+
+        from vrwkv_core.kernels import wkv7
+
+        shape = (B, T, H, N)
+        y, wkv_state = wkv7(
+            r.view(shape), log_w.view(shape), k.view(shape), v.view(shape),
+            (-kk).view(shape), (kk * a).view(shape), wkv_state, backend=backend,
+        )  # fmt: skip
+        y = F.group_norm(y.reshape(B * T, C).to(x.dtype), H, self.ln_x.weight, self.ln_x.bias, GROUPNORM_EPS)
+        bonus = (r * k * self.r_k.view(C)).view(B, T, H, N).sum(-1, keepdim=True) * v.view(B, T, H, N)
+        y = y.view(B, T, C) + bonus.view(B, T, C)
+        return self.output(y * g), v_first, wkv_state
+
+    def step(
+        self,
+        x: torch.Tensor,  # [B, C], the ln1 output of one token
+        shift: torch.Tensor | None,  # [B, C]
+        wkv_state: torch.Tensor | None,  # [B, H, N, N] fp32
+        v_first: torch.Tensor | None,  # [B, C]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token (the decode path): the same function as `forward` at T=1, written
+        with few ops on [B, C] tensors and a direct fp32 state update (no kernel call).
+
+        Decoding is bound by per-op overhead besides weight reads, so this reads parameters
+        from `_parameters`/`_modules` (nn.Module.__getattr__ costs ~0.6 us a lookup) and
+        uses multiply-sum instead of batched matrix-vector products (~3x faster here).
+        """
+        B, C = x.shape
+        H, N = self.n_head, self.head_size
+        P, M = self._parameters, self._modules
+        xx = -x if shift is None else shift.to(x.dtype) - x
+        maa = torch.cat((P["x_r"], P["x_w"], P["x_k"], P["x_v"], P["x_a"], P["x_g"]))  # [6, 1, C]
+        xr, xw, xk, xv, xa, xg = torch.addcmul(x, xx, maa).unbind(0)
+        r = _linear(M["receptance"], xr)
+        k = _linear(M["key"], xk)
+        v = _linear(M["value"], xv)
+        lora = self._lora
+        z = P["w0"].view(1, C) + lora("w2", torch.tanh(lora("w1", xw)))
+        a = torch.sigmoid(P["a0"].view(1, C) + lora("a2", lora("a1", xa)))
+        g = lora("g2", torch.sigmoid(lora("g1", xg)))
+        kk = (k * P["k_k"].view(C)).view(B, H, N)
+        kk = kk / torch.linalg.vector_norm(kk, dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize
+        k = torch.addcmul(k, k, (a - 1) * P["k_a"].view(C))  # k * (1 + (a - 1) * k_a)
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = torch.lerp(v, v_first, torch.sigmoid(P["v0"].view(1, C) + lora("v2", lora("v1", xv))))
+        # decay = exp(-exp(-0.5) * sigmoid(z)); a single step needs no log-space care
+        w = torch.exp(torch.sigmoid(z.float()) * -0.6065306597126334).view(B, H, 1, N)
+
+        f32 = torch.float32
+        r4, k4, v4 = r.view(B, H, 1, N), k.view(B, H, 1, N), v.view(B, H, N, 1)
+        kk4, a4 = kk.view(B, H, 1, N), a.view(B, H, 1, N)
+        if x.dtype != f32:
+            r4, k4, v4, kk4, a4 = (t.to(f32) for t in (r4, k4, v4, kk4, a4))
+        S = wkv_state if wkv_state is not None else x.new_zeros(B, H, N, N, dtype=f32)
+        sa = (S * kk4).sum(-1, keepdim=True)  # S kk: [B, H, N(v), 1]; the kernel's a = -kk is the -1 below
+        # in place on the fresh S * w (autograd-safe: mul does not save its output)
+        S = (S * w).addcmul_(sa, kk4 * a4, value=-1.0).addcmul_(v4, k4)
+        y = (S * r4).sum(-1).view(B, C).to(x.dtype)
+
+        lnx = M["ln_x"]._parameters
+        y = F.group_norm(y, H, lnx["weight"], lnx["bias"], GROUPNORM_EPS).view(B, H, N)
+        rk = (r * k * P["r_k"].view(C)).view(B, H, N).sum(-1, keepdim=True)
+        y = torch.addcmul(y, rk, v.view(B, H, N)).view(B, C)
+        return _linear(M["output"], y * g), v_first, S
+
+
+def _shifted(x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """x delayed by one token along T, with `shift` (or zeros) as the token before the first."""
+    prev = torch.zeros_like(x[:, :1]) if shift is None else shift.to(x.dtype).unsqueeze(1)
+    if x.shape[1] == 1:
+        return prev
+    return torch.cat((prev, x[:, :-1]), dim=1)
+
+
+class ChannelMix(nn.Module):
+    """RWKV-7 channel mix (the FFN): value(relu(key(lerp(x, x_prev)))^2)."""
+
+    def __init__(self, cfg: RWKVSection, dim_ffn: int) -> None:
+        super().__init__()
+        C = cfg.n_embd
+        self.x_k = nn.Parameter(torch.empty(1, 1, C))
+        self.key = Linear(C, dim_ffn)
+        self.value = Linear(dim_ffn, C)
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+        k = torch.addcmul(x, _shifted(x, shift) - x, self.x_k)
+        return self.value(torch.relu(self.key(k)).square())
+
+    def step(self, x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+        """One token: x [B, C]."""
+        x_k = self._parameters["x_k"].view(-1)
+        k = x * (1 - x_k) if shift is None else torch.lerp(x, shift.to(x.dtype), x_k)  # x + (shift - x) * x_k
+        M = self._modules
+        return _linear(M["value"], torch.relu(_linear(M["key"], k)).square())
+
+
+class Block(nn.Module):
+    """ln0 (layer 0 only), then x += att(ln1(x)); x += ffn(ln2(x))."""
+
+    def __init__(self, cfg: RWKVSection, layer_id: int, lora: LoraDims, dim_ffn: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd)
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.att = TimeMix(cfg, layer_id, lora)
+        self.ffn = ChannelMix(cfg, dim_ffn)
+
+    def forward(self, x, v_first, att_shift, wkv_state, ffn_shift, backend: str):
+        """Returns (x, v_first, att_shift, wkv_state, ffn_shift) after this block."""
+        if self.layer_id == 0:
+            x = self.ln0(x)
+        h = self.ln1(x)
+        dx, v_first, wkv_state = self.att(h, att_shift, wkv_state, v_first, backend)
+        att_shift = _last(h)
+        x = x + dx
+        h = self.ln2(x)
+        x = x + self.ffn(h, ffn_shift)
+        return x, v_first, att_shift, wkv_state, _last(h)
+
+    def step(self, x, v_first, att_shift, wkv_state, ffn_shift):
+        """One token, x [B, C]: returns what `forward` returns, with [B, C] tensors."""
+        M = self._modules
+        if self.layer_id == 0:
+            x = _layer_norm(M["ln0"], x)
+        h = _layer_norm(M["ln1"], x)
+        dx, v_first, wkv_state = M["att"].step(h, att_shift, wkv_state, v_first)
+        x = x + dx
+        h2 = _layer_norm(M["ln2"], x)
+        x = x + M["ffn"].step(h2, ffn_shift)
+        return x, v_first, h, wkv_state, h2
+
+
+def _layer_norm(m: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """m(x) without nn.Module call overhead."""
+    return F.layer_norm(x, m.normalized_shape, m._parameters["weight"], m._parameters["bias"], m.eps)
+
+
+def _last(h: torch.Tensor) -> torch.Tensor:
+    """h[:, -1] as its own small tensor, so a kept state does not pin the whole [B,T,C] h."""
+    return h[:, -1] if h.shape[1] == 1 else h[:, -1].clone()
+
+
+class RWKV7(nn.Module):
+    """RWKV-7 language model; `state_dict()` is the official RWKV-7 layout."""
+
+    def __init__(self, cfg: RWKVSection, lora: LoraDims | None = None, *, init: bool = True) -> None:
+        """A freshly initialised model (RWKV-LM's RWKV-7 init, see `reset_parameters`).
+
+        `lora` defaults to RWKV-LM's widths for `cfg.n_embd`; `init=False` leaves the
+        weights on the meta device (for loaders that assign tensors afterwards).
+        """
+        super().__init__()
+        if cfg.version != "x070":
+            raise ValueError(f"RWKV7 needs model.rwkv.version x070, got {cfg.version!r}")
+        if cfg.n_embd % cfg.head_size:
+            raise ValueError(f"n_embd {cfg.n_embd} is not a multiple of head_size {cfg.head_size}")
+        dim_ffn = cfg.dim_ffn or 4 * cfg.n_embd
+        self.cfg = replace(cfg, dim_ffn=dim_ffn)
+        self.lora = lora or LoraDims.default(cfg.n_embd)
+        self.n_layer, self.n_embd, self.head_size = cfg.n_layer, cfg.n_embd, cfg.head_size
+        self.vocab_size, self.dim_ffn = cfg.vocab_size, dim_ffn
+        self.grad_checkpoint = False
+        with torch.device("meta"):
+            self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+            self.blocks = nn.ModuleList(Block(self.cfg, i, self.lora, dim_ffn) for i in range(cfg.n_layer))
+            self.ln_out = nn.LayerNorm(cfg.n_embd)
+            self.head = Linear(cfg.n_embd, cfg.vocab_size)
+        device = torch.get_default_device()
+        if init and device.type != "meta":
+            self.to_empty(device=device)
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """RWKV-LM's RWKV-7 init (train_temp `RWKV_Tmix_x070` / `RWKV_CMix_x070`, LoRA widths
+        of the released files): per-channel token-shift ramps, decay bias w0 from -6 to ~0
+        across channels with a per-head zigzag, zero LoRA down-projections and orthogonal
+        up-projections scaled 0.1, output and FFN value matrices zero (each block starts as
+        the identity), ln_x weight ((i+1)/L)**0.7, embeddings uniform(+-1e-4), and a head
+        with std 0.5/sqrt(C) (the entry scale of RWKV-LM's orthogonal head init, without
+        a QR of a V x C matrix)."""
+        C, N, L = self.n_embd, self.head_size, self.n_layer
+        nn.init.uniform_(self.emb.weight, -1e-4, 1e-4)
+        nn.init.normal_(self.head.weight, std=0.5 / C**0.5)
+        for ln in (self.ln_out, *(m for m in self.modules() if isinstance(m, nn.LayerNorm))):
+            nn.init.ones_(ln.weight)
+            nn.init.zeros_(ln.bias)
+        n = torch.arange(C, dtype=torch.float64)
+        ddd = (n / C).view(1, 1, C)
+        linear = n / (C - 1) - 0.5
+        zigzag = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+        zigzag = zigzag * zigzag.abs()
+        for i, block in enumerate(self.blocks):
+            att, ffn = block.att, block.ffn
+            r01 = i / max(L - 1, 1)
+            r10 = 1.0 - i / L
+            for name, p in (("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2)):
+                getattr(att, name).copy_(1.0 - ddd.pow(p * r10))
+            decay = -6 + 6 * (n / (C - 1)) ** (1 + r01**0.3)
+            att.w0.copy_((decay + 0.5 + zigzag * 2.5).view(1, 1, C))  # +0.5 offsets the softplus
+            att.a0.copy_((-0.19 + zigzag * 0.3 + linear * 0.4).view(1, 1, C))
+            att.k_k.copy_((0.71 - linear * 0.1).view(1, 1, C))
+            att.k_a.fill_(1.02)
+            att.r_k.fill_(-0.04)
+            downs, ups = [att.w1, att.a1, att.g1], [att.w2, att.a2, att.g2]
+            if i > 0:
+                att.v0.copy_((0.73 - linear * 0.4).view(1, 1, C))
+                downs.append(att.v1)
+                ups.append(att.v2)
+            for p in downs:
+                nn.init.zeros_(p)
+            for p in ups:
+                nn.init.orthogonal_(p, gain=0.1)
+            bound = C**-0.5
+            nn.init.uniform_(att.receptance.weight, -0.5 * bound, 0.5 * bound)
+            nn.init.uniform_(att.key.weight, -0.05 * bound, 0.05 * bound)
+            nn.init.uniform_(att.value.weight, -0.5 * bound, 0.5 * bound)
+            nn.init.zeros_(att.output.weight)
+            nn.init.constant_(att.ln_x.weight, ((i + 1) / L) ** 0.7)
+            nn.init.zeros_(att.ln_x.bias)
+            ffn.x_k.copy_(1.0 - ddd.pow(r10**4))
+            nn.init.uniform_(ffn.key.weight, -0.5 * bound, 0.5 * bound)
+            nn.init.zeros_(ffn.value.weight)
+
+    def forward(
+        self,
+        idx: torch.Tensor | None = None,
+        embeds: torch.Tensor | None = None,
+        state: RWKVState | None = None,
+        logits: str = "all",
+        backend: str = "auto",
+    ) -> tuple[torch.Tensor, RWKVState]:
+        """Runs ids [B,T] (or raw embeddings [B,T,C]) from `state` (None: zeros).
+
+        Returns (out, new_state): out is the logits [B,T,V] for logits="all", [B,1,V] for
+        "last", or the ln_out output [B,T,C] for "hidden" (apply `self.head` yourself,
+        e.g. only where labels are valid). `state` is not modified.
+        """
+        if (idx is None) == (embeds is None):
+            raise ValueError("pass exactly one of idx [B,T] or embeds [B,T,C]")
+        if logits not in LOGITS_MODES:
+            raise ValueError(f"logits must be one of {', '.join(LOGITS_MODES)}, got {logits!r}")
+        x = self.emb(idx) if idx is not None else embeds.to(self.emb.weight.dtype)
+        if x.dim() != 3 or x.shape[-1] != self.n_embd:
+            raise ValueError(f"expected ids [B,T] or embeds [B,T,{self.n_embd}], got {tuple(x.shape)}")
+        if state is not None and (state.batch_size != x.shape[0] or state.n_layer != self.n_layer):
+            raise ValueError(
+                f"state has batch {state.batch_size} and {state.n_layer} layers; input has batch "
+                f"{x.shape[0]}, model {self.n_layer} layers"
+            )
+        one = x.shape[1] == 1  # single token: the step path on [B, C]
+        ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled() and not one
+        if one:
+            x = x[:, 0]
+        v_first = None
+        att_shift, wkv, ffn_shift = [], [], []
+        for i, block in enumerate(self.blocks):
+            s = (state.att_shift[i], state.wkv[i], state.ffn_shift[i]) if state is not None else (None, None, None)
+            if one:
+                out = block.step(x, v_first, *s)
+            elif ckpt:
+                from torch.utils.checkpoint import checkpoint
+
+                out = checkpoint(block, x, v_first, *s, backend, use_reentrant=False)
+            else:
+                out = block(x, v_first, *s, backend)
+            x, v_first = out[0], out[1]
+            att_shift.append(out[2])
+            wkv.append(out[3])
+            ffn_shift.append(out[4])
+        new_state = RWKVState(att_shift, wkv, ffn_shift)
+        if one:
+            x = x.unsqueeze(1)
+        if logits == "last":
+            x = x[:, -1:]
+        x = self.ln_out(x)
+        if logits == "hidden":
+            return x, new_state
+        return self.head(x), new_state
+
+    def optimize_for_inference(self) -> "RWKV7":
+        """Lays the matrices out for fast CPU decoding (returns self).
+
+        fp32: the big matrices become column-major (same values and shapes, transposed
+        storage), which makes single-token gemv ~1.3x faster and prefill matmuls ~10%
+        slower. bf16: each big matrix gets a oneDNN-packed copy (one more bf16 copy of
+        the weights in memory) that no-grad forwards use. Training afterwards still works.
+        """
+        for m in self.modules():
+            if isinstance(m, (Linear, TimeMix)):
+                m.optimize_for_inference()
+        return self
+
+    def zero_state(self, batch: int = 1) -> RWKVState:
+        """An all-zero state on the model's device (same as passing state=None)."""
+        return RWKVState.zeros(self, batch)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        sd: Mapping[str, torch.Tensor],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        source: str = "<state dict>",
+    ) -> "RWKV7":
+        """A model holding exactly the tensors of an official-layout state dict (strict).
+
+        dtype None: bfloat16 on CUDA, float32 elsewhere. Tensors already in the target
+        dtype and device are used as they are (no copy, so an mmap'd file stays mapped).
+        """
+        cfg, lora = config_from_state_dict(sd, source)
+        model = cls(cfg, lora, init=False)
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        _check_names(sd, expected, source)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        tensors = {}
+        for name, t in sd.items():
+            if not t.is_floating_point():
+                raise CheckpointError(f"{source}: {name} has dtype {t.dtype}, expected a float tensor")
+            tensors[name] = t.to(device=device, dtype=dtype)
+        model.load_state_dict(tensors, strict=True, assign=True)
+        model.cfg = replace(model.cfg, checkpoint=source if source != "<state dict>" else None)
+        return model.eval()
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> "RWKV7":
+        """Loads an official RWKV-7 `.pth` (any float dtype) or a `.safetensors` written by `save`."""
+        return cls.from_state_dict(read_weights(path), device=device, dtype=dtype, source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        """Writes the weights as safetensors in the official layout (atomic), dims in metadata."""
+        import os
+
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tensors = {k: t.detach().contiguous().cpu() for k, t in self.state_dict().items()}
+        meta = {"format": "vrwkv-rwkv7", "version": "x070", "n_layer": str(self.n_layer),
+                "n_embd": str(self.n_embd), "head_size": str(self.head_size),
+                "vocab_size": str(self.vocab_size), "dim_ffn": str(self.dim_ffn)}  # fmt: skip
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `.pth` (torch.load, weights_only, mmap when the format allows) or a
+    `.safetensors` file, on CPU; CheckpointError if the file is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path), device="cpu")
+        else:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):  # legacy (non-zip) .pth files cannot be mapped
+                    raise
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as err:  # unpickling, zip and safetensors errors alike
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot read weights ({first})") from None
+    if not isinstance(sd, Mapping) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return dict(sd)
+
+
+def config_from_state_dict(
+    sd: Mapping[str, torch.Tensor], source: str = "<state dict>"
+) -> tuple[RWKVSection, LoraDims]:
+    """Dimensions of an official-layout RWKV-7 state dict (no `rwkv.` prefix): n_layer,
+    n_embd, head_size (from r_k), vocab_size, dim_ffn and the LoRA widths."""
+    need = ("emb.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.att.a1", "blocks.0.att.g1",
+            "blocks.0.ffn.key.weight")  # fmt: skip
+    missing = [n for n in need if n not in sd]
+    if missing:
+        hint = None
+        if "blocks.0.att.time_decay" in sd or "blocks.0.att.time_maa_x" in sd:
+            hint = "this looks like an RWKV-6 (x060) checkpoint"
+        elif any(k.startswith("rwkv.") for k in sd):
+            hint = "this looks like a VisualRWKV file: load it with VisualRWKV.from_checkpoint"
+        raise CheckpointError(f"{source}: not an RWKV-7 checkpoint (missing {', '.join(missing[:3])})", hint=hint)
+    vocab, C = sd["emb.weight"].shape
+    H, N = sd["blocks.0.att.r_k"].shape
+    if H * N != C:
+        raise CheckpointError(f"{source}: blocks.0.att.r_k has shape {tuple(sd['blocks.0.att.r_k'].shape)}, "
+                              f"which does not factor n_embd {C}")  # fmt: skip
+    layers = set()
+    for name in sd:
+        parts = name.split(".")
+        if parts[0] == "blocks" and len(parts) > 1 and parts[1].isdigit():
+            layers.add(int(parts[1]))
+    n_layer = max(layers) + 1
+    default = LoraDims.default(C)
+    v1 = sd.get("blocks.1.att.v1")
+    lora = LoraDims(
+        decay=sd["blocks.0.att.w1"].shape[1],
+        aaa=sd["blocks.0.att.a1"].shape[1],
+        mv=v1.shape[1] if v1 is not None else default.mv,
+        gate=sd["blocks.0.att.g1"].shape[1],
+    )
+    cfg = RWKVSection(version="x070", n_layer=n_layer, n_embd=C, head_size=N, vocab_size=vocab,
+                      dim_ffn=sd["blocks.0.ffn.key.weight"].shape[0])  # fmt: skip
+    return cfg, lora
+
+
+def _check_names(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], source: str) -> None:
+    """Strict loading: every tensor used, every parameter filled, every shape right."""
+    missing = [n for n in expected if n not in sd]
+    unexpected = [n for n in sd if n not in expected]
+    wrong = [f"{n} {tuple(sd[n].shape)} != {shape}" for n, shape in expected.items()
+             if n in sd and tuple(sd[n].shape) != shape]  # fmt: skip
+
+    def few(names: list[str]) -> str:
+        more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+        return ", ".join(names[:3]) + more
+
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {few(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {few(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} with the wrong shape: {few(wrong)}")
+    if problems:
+        raise CheckpointError(f"{source}: does not match an RWKV-7 model; " + "; ".join(problems))
+
+
+__all__ = ["RWKV7", "LoraDims", "RWKVState", "config_from_state_dict", "read_weights"]
