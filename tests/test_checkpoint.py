@@ -19,6 +19,7 @@ import torch
 
 from vrwkv_core.config import load_recipe
 from vrwkv_core.errors import CheckpointError
+from vrwkv_core.fsutil import FILE_MODE
 from vrwkv_core.model import vision
 from vrwkv_core.model.checkpoint import (
     WEIGHTS,
@@ -127,6 +128,8 @@ def test_non_default_lora_widths_round_trip(tiny_recipe, tmp_path) -> None:
 def test_saving_is_atomic(tiny_recipe, tmp_path, monkeypatch) -> None:
     first = tiny_model(tiny_recipe, seed=0)
     save_pretrained(first, tmp_path / "m", tiny_recipe)
+    for name in ("config.yaml", WEIGHTS):  # the usual mode (safetensors alone writes 0600)
+        assert (tmp_path / "m" / name).stat().st_mode & 0o777 == FILE_MODE
     import safetensors.torch
 
     def crash(tensors, filename, metadata=None):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from vrwkv_core.config import ModelSection, RWKVSection, TinyTowerSection, VisionSection
-from vrwkv_core.errors import CheckpointError, NotImplementedYet, RecipeError
+from vrwkv_core.errors import CheckpointError, RecipeError
 from vrwkv_core.model import vision
 from vrwkv_core.model.tiling import choose_grid, tile_image
 from vrwkv_core.model.vision import (
@@ -81,9 +81,11 @@ def test_linear_projector_is_proj_weight() -> None:
         build_projector("conv", 8, 8)
 
 
-def test_clip_tower_is_a_clean_not_implemented() -> None:
-    with pytest.raises(NotImplementedYet, match="clip"):
+def test_clip_tower_needs_577_tokens_and_no_other_tower() -> None:
+    with pytest.raises(RecipeError, match="clip goes alone"):
         VisionTowers(VisionSection(towers=["clip"]), 576)
+    with pytest.raises(RecipeError, match="clip goes alone"):
+        VisionTowers(VisionSection(towers=["clip", "tiny"]), 577)
 
 
 def test_tiny_tower_pools_its_grid_to_tokens_per_image() -> None:

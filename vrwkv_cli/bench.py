@@ -37,6 +37,7 @@ def lm(
     length: Annotated[int, typer.Option("--length", "-T", help="Prefill length.")] = 512,
     decode_tokens: Annotated[int, typer.Option(help="Tokens to decode.")] = 64,
     bf16: Annotated[bool, typer.Option("--bf16", help="Add a bf16-weights row.")] = False,
+    rwkv6: Annotated[bool, typer.Option("--rwkv6", help="Add RWKV-6 1.6B-shape rows (needs ~13 GB RAM).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """RWKV-7 0.1B shape: prefill and decode tokens/s, ours vs the `rwkv` package.
@@ -48,6 +49,10 @@ def lm(
 
     rows = run_lm_bench(threads=threads, T=length, decode_tokens=decode_tokens, bf16=bf16)
     print_rows(rows, "RWKV-7 L12 D768 random weights", as_json)
+    if rwkv6:
+        from vrwkv_core.bench.lm6 import run_rwkv6_bench
+
+        print_rows(run_rwkv6_bench(threads=threads), "RWKV-6 L24 D2048 random weights", as_json)
 
 
 @app.command()

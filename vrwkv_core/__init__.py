@@ -14,6 +14,7 @@ _LAZY = {
     "RWKVTokenizer": "vrwkv_core.tokenizer",
     "load_recipe": "vrwkv_core.config",
     "RWKV7": "vrwkv_core.model.rwkv7",
+    "RWKV6": "vrwkv_core.model.rwkv6",
     "VisualRWKV": "vrwkv_core.model.visual_rwkv",
     "ChatSession": "vrwkv_core.infer.chat",
 }

@@ -18,13 +18,13 @@ file holds, are recomputed by building their part on CPU (`materialize_buffers`)
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
 from vrwkv_core.errors import CheckpointError
+from vrwkv_core.fsutil import atomic_path
 
 if TYPE_CHECKING:
     from vrwkv_core.config import ModelSection, Recipe
@@ -34,12 +34,6 @@ if TYPE_CHECKING:
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 FORMAT = "vrwkv-visualrwkv"
-
-
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_pretrained(model: "VisualRWKV", out_dir: str | Path, recipe: "Recipe") -> Path:
@@ -64,15 +58,10 @@ def save_pretrained(model: "VisualRWKV", out_dir: str | Path, recipe: "Recipe") 
         "tokens_per_image": str(cfg.tokens_per_image),
         "model_config": json.dumps(recipe_to_dict(recipe)["model"]),
     }
-    w_tmp, c_tmp = out / f".{WEIGHTS}.tmp", out / f".{CONFIG}.tmp"
-    try:
+    # Both temp files are written before either is renamed in; the weights go in first.
+    with atomic_path(out / CONFIG) as c_tmp, atomic_path(out / WEIGHTS) as w_tmp:
         save_file(tensors, str(w_tmp), metadata=meta)
         c_tmp.write_text(recipe_to_yaml(recipe), encoding="utf-8")
-        _fsync_replace(w_tmp, out / WEIGHTS)
-        _fsync_replace(c_tmp, out / CONFIG)
-    finally:
-        w_tmp.unlink(missing_ok=True)
-        c_tmp.unlink(missing_ok=True)
     return out
 
 
@@ -143,12 +132,12 @@ def load_state_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], sourc
 
 def lora_of(sd: Mapping[str, torch.Tensor], source: str, prefix: str = "rwkv.") -> "LoraDims | None":
     """LoRA widths of the LM tensors in `sd` (None when there is no LM to read them from)."""
-    from vrwkv_core.model.rwkv7 import config_from_state_dict
+    from vrwkv_core.model.rwkv6 import lm_config_from_state_dict
 
     lm = {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
     if "emb.weight" not in lm:
         return None
-    return config_from_state_dict(lm, source)[1]
+    return lm_config_from_state_dict(lm, source)[1]
 
 
 def build_meta(model_cfg: "ModelSection", lora: "LoraDims | None" = None) -> "VisualRWKV":
@@ -159,7 +148,7 @@ def build_meta(model_cfg: "ModelSection", lora: "LoraDims | None" = None) -> "Vi
     with torch.device("meta"):
         model = VisualRWKV(model_cfg)
         if lora is not None and lora != model.rwkv.lora:
-            model.rwkv = RWKV7(model_cfg.rwkv, lora, init=False)
+            model.rwkv = type(model.rwkv)(model_cfg.rwkv, lora, init=False)
     return model
 
 
@@ -204,7 +193,7 @@ def _rebuild_part(model: "VisualRWKV", part: str) -> torch.nn.Module:
         if part.startswith("vit.") and part.endswith("_featurizer"):
             return build_featurizer(part[len("vit."):-len("_featurizer")], cfg.vision)
         if part == "rwkv":
-            return RWKV7(model.rwkv.cfg, model.rwkv.lora)
+            return type(model.rwkv)(model.rwkv.cfg, model.rwkv.lora)
         if part == "proj":
             return build_projector(cfg.projector.type, model.vit.embed_dim, cfg.rwkv.n_embd)
         return VisualRWKV(cfg)
@@ -345,7 +334,8 @@ def build_from_parts(recipe: "Recipe") -> "VisualRWKV":
     from vrwkv_core.hub import resolve
     from vrwkv_core.model.projector import build_projector
     from vrwkv_core.model.released import check_vocab, read_weights_file
-    from vrwkv_core.model.rwkv7 import config_from_state_dict
+    from vrwkv_core.model.rwkv6 import default_dim_ffn
+    from vrwkv_core.model.rwkv6 import lm_config_from_state_dict as config_from_state_dict
     from vrwkv_core.model.vision import build_featurizer, featurizer_attr, load_tower_file
 
     m = recipe.model
@@ -357,7 +347,10 @@ def build_from_parts(recipe: "Recipe") -> "VisualRWKV":
     if "emb.weight" in lm:
         check_vocab(lm["emb.weight"].shape[0], source)
     file_cfg, lora = config_from_state_dict(lm, source)
-    want = replace(m.rwkv, dim_ffn=m.rwkv.dim_ffn or 4 * m.rwkv.n_embd)
+    ffn = default_dim_ffn(m.rwkv.n_embd) if m.rwkv.version == "x060" else 4 * m.rwkv.n_embd
+    want = replace(m.rwkv, dim_ffn=m.rwkv.dim_ffn or ffn)
+    if file_cfg.version != m.rwkv.version:
+        raise CheckpointError(f"{source}: an {file_cfg.version} checkpoint, but model.rwkv.version is {m.rwkv.version}")
     for key in ("n_layer", "n_embd", "head_size", "vocab_size", "dim_ffn"):
         if getattr(file_cfg, key) != getattr(want, key):
             raise CheckpointError(

@@ -19,7 +19,6 @@ mapped for zip files), and each way a file can be wrong is one line naming the f
 from __future__ import annotations
 
 import math
-import os
 import re
 import warnings
 from pathlib import Path
@@ -27,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from vrwkv_core.errors import CheckpointError, NotImplementedYet
+from vrwkv_core.errors import CheckpointError
+from vrwkv_core.fsutil import atomic_path
 
 if TYPE_CHECKING:
     from vrwkv_core.config import ModelSection, Recipe
@@ -144,8 +144,6 @@ def towers_in(sd: Mapping[str, Any], source: str) -> list[str]:
             if tower not in found:
                 found.append(tower)
     for tower in found:
-        if tower == "clip":
-            raise NotImplementedYet(f"{source}: holds a clip tower (VisualRWKV v6.0), which is not implemented yet")
         if tower == "tiny":
             raise CheckpointError(
                 f"{source}: holds a tiny tower, whose shape only its config.yaml records",
@@ -222,14 +220,18 @@ def from_released_state_dict(
     """
     from vrwkv_core.model.checkpoint import assign_state, build_meta, check_names
     from vrwkv_core.model.rwkv7 import config_from_state_dict
+    from vrwkv_core.model.released_v6 import from_released_v6_state_dict, is_released_v6
+    from vrwkv_core.model.rwkv6 import lm_config_from_state_dict
     from vrwkv_core.model.vision import ours_to_released, released_to_ours
 
+    if model_cfg is None and is_released_v6(sd):
+        return from_released_v6_state_dict(sd, source, device, dtype)
     if model_cfg is None:
         model_cfg, lora = infer_model_config(sd, source, tokens_per_image)
     else:
         if "rwkv.emb.weight" in sd:
             check_vocab(sd["rwkv.emb.weight"].shape[0], source)
-        lora = config_from_state_dict(lm_part(sd), source)[1]
+        lora = lm_config_from_state_dict(lm_part(sd), source)[1]
     model = build_meta(model_cfg, lora)
     expected = {ours_to_released(k): tuple(t.shape) for k, t in model.state_dict().items()}
     check_names(expected, {k: tuple(t.shape) for k, t in sd.items()}, source)
@@ -259,15 +261,8 @@ def load_released(
 
 def _write_pth(tensors: dict[str, torch.Tensor], out: Path) -> None:
     """torch.save to a temp file beside `out`, then rename (atomic)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
+    with atomic_path(out) as tmp:
         torch.save(tensors, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def released_state_dict(
@@ -298,7 +293,12 @@ def export_pth(
     check_names({k: tuple(t.shape) for k, t in order.items()},
                 {k: tuple(t.shape) for k, t in sd.items()}, str(model_dir / WEIGHTS))  # fmt: skip
     # module order, as released files have it (safetensors reads back sorted by name)
-    tensors = released_state_dict({k: sd[k] for k in order}, dtype, lm_only)
+    if recipe.model.rwkv.version == "x060" and not lm_only:
+        from vrwkv_core.model.released_v6 import released_v6_state_dict
+
+        tensors = released_v6_state_dict({k: sd[k] for k in order}, dtype)
+    else:
+        tensors = released_state_dict({k: sd[k] for k in order}, dtype, lm_only)
     del sd
     _write_pth(tensors, out)
     return {"path": out, "tensors": len(tensors), "bytes": out.stat().st_size, "dtype": str(dtype).replace("torch.", "")}

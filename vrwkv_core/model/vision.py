@@ -29,7 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vrwkv_core.errors import CheckpointError, NotImplementedYet, RecipeError
+from vrwkv_core.errors import CheckpointError, RecipeError
+from vrwkv_core.model.clip import (
+    CLIP_MEAN, CLIP_SIZE, CLIP_STD, CLIP_TIMM_NAME, CLIP_TOKENS, clip_features, clip_preprocess, load_clip_tower_file,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -62,14 +65,13 @@ TOWERS: dict[str, TowerSpec] = {
     "siglip": TowerSpec("vit_so400m_patch14_siglip_384", HALF, HALF),
     "sam": TowerSpec("samvit_base_patch16", IMAGENET_MEAN, IMAGENET_STD, fixed_size=SAM_SIZE),
     "tiny": TowerSpec(None, HALF, HALF, penultimate=False),
+    "clip": TowerSpec(CLIP_TIMM_NAME, CLIP_MEAN, CLIP_STD, fixed_size=CLIP_SIZE, penultimate=False),
     # "clip" (v6.0, CLIP ViT-L/14-336, CLS row last, no pooling) lands with the v6.0 issue.
 }
 
 
 def tower_spec(name: str) -> TowerSpec:
     """The spec of a tower, or a recipe error for towers we do not build."""
-    if name == "clip":
-        raise NotImplementedYet("model.vision.towers: the clip tower (VisualRWKV v6.0) is not implemented yet")
     if name not in TOWERS:
         raise RecipeError(f"model.vision.towers: unknown tower {name!r}; choose from {', '.join(TOWERS)}")
     return TOWERS[name]
@@ -141,7 +143,10 @@ class VisionTowers(nn.Module):
         if not self.names:
             raise RecipeError("model.vision.towers: needs at least one tower")
         self.side = round(tokens_per_image**0.5)
-        if self.side * self.side != tokens_per_image:
+        if "clip" in self.names:  # v6.0: CLIP alone, 576 patches + CLS, no pooling
+            if self.names != ["clip"] or tokens_per_image != CLIP_TOKENS:
+                raise RecipeError(f"model.vision.towers: clip goes alone, with tokens_per_image {CLIP_TOKENS}")
+        elif self.side * self.side != tokens_per_image:
             raise RecipeError(f"model.tokens_per_image: {tokens_per_image} is not a square number")
         dims = []
         for name in self.names:
@@ -196,6 +201,9 @@ class VisionTowers(nn.Module):
         if len(set(counts.values())) != 1:
             raise ValueError(f"towers got different image counts: {counts}")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            if self.names == ["clip"]:
+                p = next(self.featurizer("clip").parameters())
+                return clip_features(self.featurizer("clip"), images["clip"].to(device=p.device, dtype=p.dtype))
             feats = []
             for name in self.names:
                 p = next(self.featurizer(name).parameters())
@@ -241,6 +249,8 @@ def load_tower_file(towers: VisionTowers, name: str, path: str | Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path}: {name} tower file not found")
     model = towers.featurizer(name)
+    if name == "clip":
+        return load_clip_tower_file(model, path)
     filters: dict[str, Callable] = {"sam": vision_transformer_sam.checkpoint_filter_fn}
     state = filters.get(name, vision_transformer.checkpoint_filter_fn)(_read_state_dict(path), model)
     ours = model.state_dict()
@@ -283,6 +293,9 @@ class ImageProcessor:
         done: dict[tuple, torch.Tensor] = {}
         out = {}
         for name, key in self.towers.items():
+            if name == "clip":  # shortest side + centre crop, not a squash
+                out[name] = clip_preprocess(image)
+                continue
             if key not in done:
                 size, mean, std = key
                 pixels = torch.from_numpy(_as_array(image.resize((size, size), Image.BICUBIC)))

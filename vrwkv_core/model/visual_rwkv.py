@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from vrwkv_core.errors import DataError, NotImplementedYet
+from vrwkv_core.errors import DataError
 from vrwkv_core.model.projector import build_projector
 from vrwkv_core.model.rwkv7 import RWKV7
 from vrwkv_core.model.vision import ImageProcessor, VisionTowers
@@ -80,11 +80,14 @@ class VisualRWKV(nn.Module):
 
     def __init__(self, model_cfg: ModelSection) -> None:
         super().__init__()
-        if model_cfg.rwkv.version != "x070":
-            raise NotImplementedYet(f"model.rwkv.version: {model_cfg.rwkv.version} (RWKV-6) is not implemented yet")
         self.config = model_cfg
         self.tokens_per_image = model_cfg.tokens_per_image
-        self.rwkv = RWKV7(model_cfg.rwkv)
+        if model_cfg.rwkv.version == "x060":
+            from vrwkv_core.model.rwkv6 import RWKV6
+
+            self.rwkv = RWKV6(model_cfg.rwkv)
+        else:
+            self.rwkv = RWKV7(model_cfg.rwkv)
         self.vit = VisionTowers(model_cfg.vision, model_cfg.tokens_per_image)
         self.proj = build_projector(model_cfg.projector.type, self.vit.embed_dim, model_cfg.rwkv.n_embd)
         self.image_processor = ImageProcessor(model_cfg.vision)
@@ -172,7 +175,13 @@ class VisualRWKV(nn.Module):
         sample's placeholders are a whole number of images.
         """
         embeds = self.embed(input_ids, images, image_counts)
-        return self.rwkv(embeds=embeds, state=state, logits=logits, backend=backend)
+        extra = {}
+        if self.config.rwkv.version == "x060":  # v6.0: odd layers scan each image's patch rows backwards
+            from vrwkv_core.model.clip import clip_patch_spans
+
+            ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
+            extra["reverse_spans"] = clip_patch_spans(ids, IMAGE_TOKEN_ID, self.tokens_per_image)
+        return self.rwkv(embeds=embeds, state=state, logits=logits, backend=backend, **extra)
 
     @torch.no_grad()
     def prefill(

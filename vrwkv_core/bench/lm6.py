@@ -1,0 +1,237 @@
+"""`vrwkv bench lm`, RWKV-6 rows: our RWKV6 against the `rwkv` PyPI package on the same random weights.
+
+One random x060 checkpoint in the official layout (1.6B-shaped by default: L24, C2048,
+vocab 65536, ~1.6B parameters, 6.4 GB in fp32) is written to a temporary `.pth`. Our
+model loads it in this process; the `rwkv` package runs in a subprocess (it picks its
+architecture from environment variables read at import, and RWKV-7 rows in this process
+set RWKV_V7_ON), with RWKV_JIT_ON=0, RWKV_CUDA_ON=0 and strategy "cpu fp32". Both use
+`threads` threads:
+
+- prefill: tokens/s over a T-token prompt, last-position logits only;
+- decode: tokens/s of greedy single-token steps after the prefill (ours after
+  `optimize_for_inference`, which stores the matrices column-major as the package does).
+
+Rows: {"model": "vrwkv-rwkv6" | "rwkv-pkg-rwkv6", "phase", "tokens_per_s", "ratio" (ours /
+rwkv-pkg, same phase), "threads", "shape"}. The same subprocess runner gives the parity
+tests their reference logits (`rwkv_pkg_run`).
+
+    python -c "from vrwkv_core.bench.lm6 import run_rwkv6_bench; print(run_rwkv6_bench())"
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from vrwkv_core.config import RWKVSection
+from vrwkv_core.progress import Progress
+
+SHAPE_1B6 = RWKVSection(version="x060", n_layer=24, n_embd=2048, head_size=64, vocab_size=65536)
+
+
+def random_rwkv6_weights(cfg: RWKVSection, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A random RWKV-6 state dict in the official layout with roughly trained-model scales:
+    unit-gain matrices, token-shift mixes in [0, 1], decay exponents spread over [-6, 2.5]
+    (so some channels forget almost at once, as trained ones do), a few exponents at 5
+    (decay exactly 0 in float32), non-trivial LoRAs and bonus."""
+    from vrwkv_core.model.rwkv6 import RWKV6
+
+    g = torch.Generator().manual_seed(seed)
+    C = cfg.n_embd
+
+    def randn(*shape: int, std: float = 1.0, mean: float = 0.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std + mean
+
+    def uniform(*shape: int, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+        return torch.rand(*shape, generator=g) * (hi - lo) + lo
+
+    shapes = {k: tuple(t.shape) for k, t in RWKV6(cfg, init=False).state_dict().items()}
+    sd = {}
+    for name, shape in shapes.items():
+        parts = name.split(".")
+        leaf, owner = parts[-1], parts[-2] if len(parts) > 1 else ""
+        if leaf == "bias":
+            t = randn(*shape, std=0.05)
+        elif owner.startswith("ln"):  # ln0/ln1/ln2/ln_out and the GroupNorm ln_x
+            t = randn(*shape, std=0.1, mean=0.6 if owner == "ln_x" else 1.0)
+        elif leaf in ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r", "time_maa_g"):
+            t = uniform(*shape)
+        elif leaf == "time_decay":
+            t = uniform(*shape, lo=-6.0, hi=2.5)
+            t.view(-1)[:: max(C // 8, 1)] = 5.0
+        elif leaf == "time_faaaa":
+            t = randn(*shape, std=0.3, mean=0.3)
+        elif leaf in ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2"):
+            t = randn(*shape, std=0.1)
+        elif name == "emb.weight":
+            t = randn(*shape, std=0.1)
+        elif name == "head.weight":
+            t = randn(*shape, std=2.0 / math.sqrt(C))
+        else:  # receptance/key/value/gate/output and the FFN matrices: unit gain
+            t = randn(*shape, std=1.0 / math.sqrt(shape[1]))
+        sd[name] = t.to(dtype)
+    return sd
+
+
+_PKG_SCRIPT = r"""
+import json, sys, time
+import torch
+args = json.load(open(sys.argv[1]))
+torch.set_num_threads(args["threads"])
+from rwkv.model import RWKV
+model = RWKV(model=args["model"], strategy="cpu fp32")
+prompt, steps = args["prompt"], args["steps"]
+out = {}
+with torch.no_grad():
+    if args["timing"]:
+        model.forward(prompt[:16], None)
+        best = float("inf")
+        for _ in range(args["repeats"]):
+            t0 = time.perf_counter(); model.forward(prompt, None); best = min(best, time.perf_counter() - t0)
+        out["prefill_s"] = best
+    logits, state = model.forward(prompt, None, full_output=args["full_output"])
+    logits = logits.view(-1, logits.shape[-1])
+    seq = [logits.clone()]
+    tokens = []
+    tok = int(logits[-1].argmax())
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tokens.append(tok)
+        o, state = model.forward([tok], state)
+        seq.append(o.view(1, -1).clone())
+        tok = int(o.argmax())
+    out["decode_s"] = time.perf_counter() - t0
+out["tokens"] = tokens
+if args["save_logits"]:
+    torch.save({"prefill": seq[0], "steps": torch.cat(seq[1:]) if steps else None}, args["out"])
+json.dump(out, open(args["out"] + ".json", "w"))
+"""
+
+
+def rwkv_pkg_run(
+    path: str | Path,
+    prompt: Sequence[int],
+    steps: int,
+    threads: int = 2,
+    timing: bool = False,
+    repeats: int = 1,
+    full_output: bool = True,
+    save_logits: bool = True,
+    timeout: float = 1800.0,
+) -> dict[str, Any]:
+    """Runs the `rwkv` package (x060, cpu fp32) on a `.pth` in a subprocess: a prefill of
+    `prompt`, then `steps` greedy single-token steps. Returns {"tokens": the greedy ids fed,
+    "prefill": logits [T or 1, V], "steps": logits [steps, V], "prefill_s", "decode_s"}.
+
+    Raises ImportError when the package is missing, RuntimeError when the run fails.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("rwkv") is None:
+        raise ImportError("the `rwkv` package is not installed (pip install rwkv)")
+    path = Path(path)
+    if path.suffix != ".pth":
+        raise ValueError(f"{path}: the rwkv package loads `.pth` files")
+    env = {k: v for k, v in os.environ.items() if k != "RWKV_V7_ON"}
+    env.update(RWKV_JIT_ON="0", RWKV_CUDA_ON="0")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "out.pt")
+        args = {"model": str(path)[: -len(".pth")], "prompt": list(map(int, prompt)), "steps": steps,
+                "threads": threads, "timing": timing, "repeats": repeats, "full_output": full_output,
+                "save_logits": save_logits, "out": out}  # fmt: skip
+        (Path(tmp) / "args.json").write_text(json.dumps(args))
+        (Path(tmp) / "run.py").write_text(_PKG_SCRIPT)
+        proc = subprocess.run([sys.executable, str(Path(tmp) / "run.py"), str(Path(tmp) / "args.json")],
+                              env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            raise RuntimeError("rwkv package run failed: " + " | ".join(tail))
+        result: dict[str, Any] = json.loads(Path(out + ".json").read_text())
+        if save_logits:
+            result.update(torch.load(out, weights_only=True))
+    return result
+
+
+def _best_of(fn, repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.no_grad()
+def run_rwkv6_bench(
+    threads: int = 2,
+    T: int = 128,
+    decode_tokens: int = 16,
+    repeats: int = 1,
+    cfg: RWKVSection | None = None,
+    progress: Progress | None = None,
+) -> list[dict]:
+    """Prefill (T tokens, last logits) and decode tokens/s of our RWKV6 vs the rwkv package.
+
+    Defaults are sized for a busy CPU: the 1.6B shape, a 128-token prompt, 16 decode
+    steps. Also checks the two greedy continuations agree ("greedy_match" on our rows).
+    """
+    from vrwkv_core.model.rwkv6 import RWKV6
+
+    cfg = cfg or SHAPE_1B6
+    torch.set_num_threads(threads)
+    log = progress.log if progress is not None else (lambda msg: None)
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, cfg.vocab_size, (T,), generator=gen).tolist()
+    shape = f"L{cfg.n_layer} C{cfg.n_embd}"
+    times: dict[tuple[str, str], float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench-rwkv6.pth"
+        sd = random_rwkv6_weights(cfg)
+        torch.save(sd, path)
+        del sd
+        model = RWKV6.from_checkpoint(path)
+        log(f"{shape}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters")
+        ids = torch.tensor([prompt])
+        model(ids[:, :16], logits="last")  # warm-up
+        times[("vrwkv-rwkv6", "prefill")] = _best_of(lambda: model(ids, logits="last"), repeats)
+        out, state = model(ids, logits="last")
+        model.optimize_for_inference()  # column-major matrices: faster single-token gemv
+        model(torch.tensor([[0]]), state=state)  # warm-up
+        ours_tokens = []
+        tok = int(out[0, -1].argmax())
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens):
+            ours_tokens.append(tok)
+            o, state = model(torch.tensor([[tok]]), state=state)
+            tok = int(o[0, -1].argmax())
+        times[("vrwkv-rwkv6", "decode")] = time.perf_counter() - t0
+        log(f"vrwkv: prefill {T / times[('vrwkv-rwkv6', 'prefill')]:.1f} tok/s")
+        del model, state
+        pkg = None
+        try:
+            pkg = rwkv_pkg_run(path, prompt, decode_tokens, threads, timing=True, repeats=repeats,
+                               full_output=False, save_logits=False)  # fmt: skip
+        except ImportError:
+            log("rwkv package not installed: no reference rows")
+    if pkg is not None:
+        times[("rwkv-pkg-rwkv6", "prefill")] = pkg["prefill_s"]
+        times[("rwkv-pkg-rwkv6", "decode")] = pkg["decode_s"]
+    rows = []
+    for (name, phase), seconds in times.items():
+        n = T if phase == "prefill" else decode_tokens
+        ref = times.get(("rwkv-pkg-rwkv6", phase))
+        row = {"model": name, "phase": phase, "tokens_per_s": n / seconds, "ratio": ref / seconds if ref else None,
+               "threads": threads, "shape": shape}  # fmt: skip
+        if name == "vrwkv-rwkv6" and pkg is not None:
+            row["greedy_match"] = pkg["tokens"] == ours_tokens
+        rows.append(row)
+    return rows
