@@ -108,3 +108,67 @@ def tiny_trained(tmp_path_factory):
     run_stage(recipe, "finetune")
     return {"root": root, "data": data, "overrides": overrides, "recipe": recipe,
             "pretrain": root / "pretrain", "finetune": root / "finetune"}  # fmt: skip
+
+
+# Helpers shared by several test files (import them: `from conftest import build_tiny_vlm`).
+
+
+def rel(x, ref) -> float:
+    """max|x - ref| / std(ref), the logits tolerance of DESIGN.md."""
+    return float((x.float() - ref.float()).abs().max() / ref.float().std())
+
+
+def read_manifest(path: Path) -> dict[str, tuple[int, ...]]:
+    """A reference manifest (name, shape, dtype per tab-separated line) -> {name: shape}."""
+    import ast
+
+    out = {}
+    for line in path.read_text().splitlines():
+        name, shape, _dtype = line.split("\t")
+        out[name] = tuple(ast.literal_eval(shape))
+    return out
+
+
+def build_tiny_vlm(seed: int = 1, tokens_per_image: int = 4, model=None):
+    """A VisualRWKV on non-degenerate random weights (eval mode): `model` (a ModelSection;
+    default the `tiny` tower and a 2-layer RWKV-7), its LM from `random_rwkv7_weights`
+    and a projector with visible output, so images change the answer."""
+    import torch
+
+    from vrwkv_core.bench.lm import random_rwkv7_weights
+    from vrwkv_core.config import ModelSection, RWKVSection, TinyTowerSection, VisionSection
+    from vrwkv_core.model.visual_rwkv import VisualRWKV
+
+    cfg = model or ModelSection(
+        rwkv=RWKVSection(n_layer=2, n_embd=64, head_size=32),
+        vision=VisionSection(towers=["tiny"], image_size=32, tiny=TinyTowerSection(width=32, depth=1, heads=2, patch_size=8)),
+        tokens_per_image=tokens_per_image,
+    )
+    torch.manual_seed(seed)
+    vlm = VisualRWKV(cfg)
+    vlm.rwkv.load_state_dict(random_rwkv7_weights(cfg.rwkv, seed=seed))
+    with torch.no_grad():
+        for p in vlm.proj.parameters():
+            p.normal_(0.0, 0.5)
+    return vlm.eval()
+
+
+def perturbed_vlm(model_cfg, seed: int = 0):
+    """A VisualRWKV with every weight perturbed by N(0, 0.05) (RWKV's init leaves many zero
+    matrices, which would hide layout mistakes), in eval mode."""
+    import torch
+
+    from vrwkv_core.model.visual_rwkv import VisualRWKV
+
+    torch.manual_seed(seed)
+    model = VisualRWKV(model_cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm():
+    """`build_tiny_vlm()`, built once per test module."""
+    return build_tiny_vlm()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from test_infer_generate import build_tiny_vlm
+from conftest import build_tiny_vlm
 from vrwkv_cli.main import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,17 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny output dir as a training stage writes it: config.yaml + model.safetensors."""
-    import yaml
-    from safetensors.torch import save_file
-
-    from vrwkv_core.config import load_recipe, recipe_to_dict
+    from vrwkv_core.config import load_recipe
+    from vrwkv_core.model.checkpoint import save_pretrained
 
     out = tmp_path_factory.mktemp("model")
     vlm = build_tiny_vlm()
     recipe = load_recipe(REPO / "recipes" / "tiny.yaml")
-    recipe = replace(recipe, model=vlm.config, data=replace(recipe.data, ctx_len=30))
-    (out / "config.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    save_file({k: v.contiguous() for k, v in vlm.state_dict().items()}, str(out / "model.safetensors"))
+    save_pretrained(vlm, out, replace(recipe, model=vlm.config, data=replace(recipe.data, ctx_len=30)))
     Image.new("RGB", (40, 30), "red").save(out / "red.png")
     Image.new("RGB", (30, 30), "blue").save(out / "blue.png")
     (out / "notes.txt").write_text("not an image")
@@ -176,22 +172,33 @@ def test_ctrl_c_stops_the_answer_and_the_session_goes_on(model_dir: Path, monkey
     assert session.last_result is not None and session.last_result.finish_reason == "length"
 
 
-def test_model_dir_loaders_agree_and_check_shapes(model_dir: Path, tmp_path: Path):
+def test_load_model_is_the_checkpoint_loader_plus_the_cpu_decoding_layout(model_dir: Path, tmp_path: Path):
     import shutil
 
     import torch
     import yaml
 
     from vrwkv_core.errors import CheckpointError
-    from vrwkv_core.infer.loading import load_model, load_model_dir
+    from vrwkv_core.infer.loading import load_model
+    from vrwkv_core.model.checkpoint import load_visual_rwkv, read_recipe, save_pretrained
 
-    a = load_model(model_dir, device="cpu").state_dict()
-    b = load_model_dir(model_dir, torch.device("cpu"), torch.float32).state_dict()
+    fast, plain = load_model(model_dir, device="cpu"), load_visual_rwkv(model_dir, device="cpu")
+    a, b = fast.state_dict(), plain.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    head = fast.rwkv.head.weight
+    assert head.t().is_contiguous() and not head.is_contiguous(), "column-major matrices for decoding"
+    assert plain.rwkv.head.weight.is_contiguous()
+    ids = torch.tensor([[11, 22, 33, 44]])
+    with torch.no_grad():
+        torch.testing.assert_close(fast.rwkv(ids)[0], plain.rwkv(ids)[0], rtol=1e-5, atol=1e-5)
+    # the optimized model still saves and loads back bit-exactly
+    save_pretrained(fast, tmp_path / "again", read_recipe(model_dir))
+    c = load_visual_rwkv(tmp_path / "again", device="cpu").state_dict()
+    assert all(torch.equal(a[k], c[k]) for k in a)
     bad = tmp_path / "bad"
     shutil.copytree(model_dir, bad)
     cfg = yaml.safe_load((bad / "config.yaml").read_text())
     cfg["model"]["rwkv"]["n_layer"] = 3
     (bad / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(CheckpointError, match="missing"):
-        load_model_dir(bad, torch.device("cpu"), torch.float32)
+        load_model(bad, device="cpu")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import ast
 import copy
 import gc
 import math
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import perturbed_vlm, read_manifest
 from vrwkv_core.config import load_recipe
 from vrwkv_core.errors import CheckpointError
 from vrwkv_core.fsutil import FILE_MODE
@@ -40,14 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 SIZES = ("0b1", "0b4", "1b5")
 
 
-def read_manifest(path: Path) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for line in path.read_text().splitlines():
-        name, shape, _dtype = line.split("\t")
-        out[name] = tuple(ast.literal_eval(shape))
-    return out
-
-
 def meta_state_dict(manifest: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     return {n: torch.empty(s, dtype=torch.float16, device="meta") for n, s in manifest.items()}
 
@@ -56,14 +48,9 @@ _BUILT: dict[int, VisualRWKV] = {}
 
 
 def tiny_model(recipe, seed: int = 0) -> VisualRWKV:
-    """The tiny model with every weight perturbed (RWKV init leaves many zeros); built once per seed."""
+    """`perturbed_vlm` of the recipe's model, built once per seed (a fresh copy each call)."""
     if seed not in _BUILT:
-        torch.manual_seed(seed)
-        model = VisualRWKV(recipe.model)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-        _BUILT[seed] = model.eval()
+        _BUILT[seed] = perturbed_vlm(recipe.model, seed)
     return copy.deepcopy(_BUILT[seed])
 
 

@@ -147,3 +147,22 @@ def test_plugins_add_warn_and_cannot_shadow(tmp_path):
     # every built-in still works, and chat is still ours
     proc = _vrwkv("chat", "--help", extra_path=tmp_path)
     assert proc.returncode == 0 and "--image" in proc.stdout
+
+
+@pytest.mark.parametrize("args, clock", [([], "wall"), (["--clock", "cpu"], "cpu")])
+def test_bench_lm_passes_the_clock_through(args, clock, monkeypatch, capsys):
+    import json
+
+    import vrwkv_core.bench.lm as lm
+
+    seen = {}
+
+    def fake(**kwargs):
+        seen.update(kwargs)
+        return [{"model": "vrwkv", "phase": "decode", "tokens_per_s": 1.0}]
+
+    monkeypatch.setattr(lm, "run_lm_bench", fake)
+    assert run(["bench", "lm", "--json", *args]) == 0
+    assert seen["clock"] == clock
+    assert json.loads(capsys.readouterr().out)["rows"][0]["model"] == "vrwkv"
+    assert run(["bench", "lm", "--clock", "gpu"]) != 0  # not a clock

@@ -9,21 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from conftest import build_tiny_vlm
 from vrwkv_cli.main import run
 from vrwkv_core.errors import DataError, VrwkvError
 from vrwkv_core.eval.benchmarks import OPTION_LETTER, SHORT_ANSWER, get_benchmark
-from vrwkv_core.eval.generate import (
+from vrwkv_core.eval.generate import merge_answers, parse_shard, read_answer_file, run_eval, shard_slice
+from vrwkv_core.eval.questions import (
     Question,
     answer_prompt,
     encode_prompt,
     load_questions,
-    merge_answers,
-    parse_shard,
     question_text,
-    read_answer_file,
     resolve_paths,
-    run_eval,
-    shard_slice,
     v6_turn_text,
 )
 
@@ -36,25 +33,16 @@ MAX_NEW = 6
 def tiny(tmp_path_factory):
     """An untrained tiny VisualRWKV (tiny recipe, non-degenerate random LM weights), saved as
     one of our model dirs, plus a small shapes folder. Returns (model, model dir, shapes dir)."""
-    import torch
-
-    from vrwkv_core.bench.lm import random_rwkv7_weights
     from vrwkv_core.config import load_recipe
     from vrwkv_core.data.shapes import prepare_shapes
     from vrwkv_core.model.checkpoint import save_pretrained
-    from vrwkv_core.model.visual_rwkv import VisualRWKV
 
     root = tmp_path_factory.mktemp("eval_gen")
     recipe = load_recipe(REPO / "recipes" / "tiny.yaml")
-    torch.manual_seed(0)
-    vlm = VisualRWKV(recipe.model)
-    vlm.rwkv.load_state_dict(random_rwkv7_weights(recipe.model.rwkv, seed=0))
-    with torch.no_grad():  # a visible projector output, so the image changes the answer
-        for p in vlm.proj.parameters():
-            p.normal_(0.0, 0.5)
+    vlm = build_tiny_vlm(seed=0, model=recipe.model)
     save_pretrained(vlm, root / "model", recipe)
     shapes = prepare_shapes(root / "shapes", n_train=1, n_eval=N_EVAL, seed=0)
-    return vlm.eval(), root / "model", shapes
+    return vlm, root / "model", shapes
 
 
 @pytest.fixture

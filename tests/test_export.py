@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import perturbed_vlm
 from vrwkv_cli.main import run
 from vrwkv_core.config import load_recipe
 from vrwkv_core.model.checkpoint import WEIGHTS, build_from_parts, load_visual_rwkv, save_pretrained
@@ -28,14 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 def model_and_dir(tmp_path_factory) -> tuple[VisualRWKV, Path]:
     """The tiny model (every weight perturbed: RWKV's init leaves many zero matrices) and its folder."""
     recipe = load_recipe(REPO / "recipes" / "tiny.yaml")
-    torch.manual_seed(0)
-    model = VisualRWKV(recipe.model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = perturbed_vlm(recipe.model, seed=0)
     out = tmp_path_factory.mktemp("export") / "model"
     save_pretrained(model, out, recipe)
-    return model.eval(), out
+    return model, out
 
 
 def test_export_writes_the_released_layout_in_fp16(model_and_dir, tmp_path, capsys) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_infer_generate import build_tiny_vlm, rel
+from conftest import rel
 from vrwkv_core.data.conversation import encode_generation_prompt
 from vrwkv_core.errors import CheckpointError, DataError, VrwkvError
 from vrwkv_core.infer.chat import ChatSession, ContextLengthWarning, image_key, load_image
@@ -21,22 +21,17 @@ from vrwkv_core.infer.sampling import GenerationConfig
 CFG = GenerationConfig(max_new_tokens=4, stop_tokens=())
 
 
-@pytest.fixture(scope="module")
-def vlm():
-    return build_tiny_vlm()
-
-
 @pytest.fixture
-def counting(vlm, monkeypatch):
+def counting(tiny_vlm, monkeypatch):
     """Counts encode_images calls (the towers + projector) on the shared model."""
     calls = []
-    original = vlm.encode_images
+    original = tiny_vlm.encode_images
 
     def wrapped(images):
         calls.append(next(iter(images.values())).shape[0])
         return original(images)
 
-    monkeypatch.setattr(vlm, "encode_images", wrapped)
+    monkeypatch.setattr(tiny_vlm, "encode_images", wrapped)
     return calls
 
 
@@ -44,32 +39,32 @@ def _img(color: str, size=(40, 30)) -> Image.Image:
     return Image.new("RGB", size, color)
 
 
-def test_multi_turn_equals_one_long_forward(vlm, tokenizer):
-    chat = ChatSession(vlm, tokenizer, config=CFG)
+def test_multi_turn_equals_one_long_forward(tiny_vlm, tokenizer):
+    chat = ChatSession(tiny_vlm, tokenizer, config=CFG)
     chat.add_image(_img("red"))
     r1 = chat.ask("What color is it?").run()
     r2 = chat.ask("Are you sure?\n\n\nThink again.").run()  # blank lines collapse as in training
     chat.add_image(_img("blue"))  # an image in a later turn goes to its front
     r3 = chat.ask("And this one?").run()
-    P = vlm.tokens_per_image
+    P = tiny_vlm.tokens_per_image
     full = (encode_generation_prompt("What color is it?", tokenizer, P) + r1.token_ids + [261]
             + encode_generation_prompt("Are you sure?\nThink again.", tokenizer, P, n_images=0) + r2.token_ids + [261]
             + encode_generation_prompt("And this one?", tokenizer, P) + r3.token_ids)  # fmt: skip
     assert chat.n_tokens == len(full) + 1  # + the pending closing "\n\n"
     assert [t["role"] for t in chat.turns] == ["user", "assistant"] * 3
-    images = vlm.image_processor.batch([_img("red"), _img("blue")])
+    images = tiny_vlm.image_processor.batch([_img("red"), _img("blue")])
     with torch.no_grad():
-        logits, _ = vlm(torch.tensor([full]), images, logits="all")
+        logits, _ = tiny_vlm(torch.tensor([full]), images, logits="all")
     # every answer token is the argmax of the one long forward at its position
     pos = len(full) - len(r3.token_ids)
     assert logits[0, pos - 1 : -1].argmax(-1).tolist() == r3.token_ids
     # and the carried state continues the long sequence exactly
-    nxt, _ = decode_step(vlm.rwkv, torch.tensor(r3.unfed_ids), r3.state)
+    nxt, _ = decode_step(tiny_vlm.rwkv, torch.tensor(r3.unfed_ids), r3.state)
     assert rel(nxt[0], logits[0, -1]) < 1e-4
 
 
-def test_image_cache_skips_towers_and_gives_the_same_answer(vlm, tokenizer, counting):
-    chat = ChatSession(vlm, tokenizer, config=CFG)
+def test_image_cache_skips_towers_and_gives_the_same_answer(tiny_vlm, tokenizer, counting):
+    chat = ChatSession(tiny_vlm, tokenizer, config=CFG)
     chat.add_image(_img("green"))
     first = chat.ask("Describe it.").run()
     assert counting == [1] and (chat.cache_hits, chat.cache_misses) == (0, 1)
@@ -79,7 +74,7 @@ def test_image_cache_skips_towers_and_gives_the_same_answer(vlm, tokenizer, coun
     assert counting == [1] and chat.cache_hits == 1  # no tower call the second time
     assert again.token_ids == first.token_ids
     other = chat.reset() or chat.ask("What shape?").run()
-    fresh = ChatSession(vlm, tokenizer, config=CFG, cache_size=0)
+    fresh = ChatSession(tiny_vlm, tokenizer, config=CFG, cache_size=0)
     fresh.add_image(_img("green"))
     assert fresh.ask("What shape?").run().token_ids == other.token_ids
     assert counting == [1, 1]  # the fresh session ran the towers, the cached one did not
@@ -94,8 +89,8 @@ def test_image_cache_skips_towers_and_gives_the_same_answer(vlm, tokenizer, coun
     assert counting == [1, 1, 1] and chat.cache_hits == 3
 
 
-def test_retry_and_interrupted_answer(vlm, tokenizer):
-    chat = ChatSession(vlm, tokenizer, config=GenerationConfig(max_new_tokens=6, stop_tokens=()))
+def test_retry_and_interrupted_answer(tiny_vlm, tokenizer):
+    chat = ChatSession(tiny_vlm, tokenizer, config=GenerationConfig(max_new_tokens=6, stop_tokens=()))
     chat.add_image(_img("red"))
     gen = chat.ask("Tell me a story.")
     next(gen)
@@ -107,11 +102,11 @@ def test_retry_and_interrupted_answer(vlm, tokenizer):
     sampled = {tuple(chat.retry(temperature=1.0, seed=s).run().token_ids) for s in range(3)}
     assert len(sampled) > 1
     with pytest.raises(VrwkvError, match="nothing to retry"):
-        ChatSession(vlm, tokenizer).retry()
+        ChatSession(tiny_vlm, tokenizer).retry()
 
 
-def test_save_load_round_trip(vlm, tokenizer, tmp_path: Path):
-    a = ChatSession(vlm, tokenizer, config=CFG)
+def test_save_load_round_trip(tiny_vlm, tokenizer, tmp_path: Path):
+    a = ChatSession(tiny_vlm, tokenizer, config=CFG)
     a.add_image(_img("red"))
     a.ask("What is it?").run()
     saved = tmp_path / "chat.safetensors"
@@ -119,12 +114,12 @@ def test_save_load_round_trip(vlm, tokenizer, tmp_path: Path):
     assert meta == tmp_path / "chat.json" and saved.is_file()
     n_saved = a.n_tokens
     expected = a.ask("Say more.").run().token_ids
-    b = ChatSession(vlm, tokenizer, config=CFG)
+    b = ChatSession(tiny_vlm, tokenizer, config=CFG)
     b.load_state(saved)
     assert b.turns == a.turns[:2] and b.n_tokens == n_saved
     assert b.ask("Say more.").run().token_ids == expected
     with pytest.raises(VrwkvError, match="nothing to save"):
-        ChatSession(vlm, tokenizer).save_state(tmp_path / "empty.safetensors")
+        ChatSession(tiny_vlm, tokenizer).save_state(tmp_path / "empty.safetensors")
     with pytest.raises(CheckpointError, match="not found"):
         b.load_state(tmp_path / "missing.safetensors")
     (tmp_path / "chat.json").write_text('{"format": "other"}')
@@ -132,8 +127,8 @@ def test_save_load_round_trip(vlm, tokenizer, tmp_path: Path):
         b.load_state(saved)
 
 
-def test_context_warning_and_empty_prompt(vlm, tokenizer):
-    chat = ChatSession(vlm, tokenizer, config=CFG, ctx_len=20)
+def test_context_warning_and_empty_prompt(tiny_vlm, tokenizer):
+    chat = ChatSession(tiny_vlm, tokenizer, config=CFG, ctx_len=20)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         chat.ask("Hello there").run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import build_tiny_vlm, rel
 from vrwkv_core.infer.generate import (
     Generation,
     TextAssembler,
@@ -15,39 +16,6 @@ from vrwkv_core.infer.generate import (
     prefill,
 )
 from vrwkv_core.infer.sampling import GenerationConfig
-
-
-def build_tiny_vlm(seed: int = 1, tokens_per_image: int = 4):
-    """A VisualRWKV with the `tiny` tower and a 2-layer RWKV-7 on non-degenerate random weights
-    (also used by test_infer_chat.py and test_chat_cli.py)."""
-    from vrwkv_core.bench.lm import random_rwkv7_weights
-    from vrwkv_core.config import ModelSection, RWKVSection, TinyTowerSection, VisionSection
-    from vrwkv_core.model.visual_rwkv import VisualRWKV
-
-    cfg = ModelSection(
-        rwkv=RWKVSection(n_layer=2, n_embd=64, head_size=32),
-        vision=VisionSection(towers=["tiny"], image_size=32, tiny=TinyTowerSection(width=32, depth=1, heads=2, patch_size=8)),
-        tokens_per_image=tokens_per_image,
-    )
-    torch.manual_seed(seed)
-    vlm = VisualRWKV(cfg)
-    vlm.rwkv.load_state_dict(random_rwkv7_weights(cfg.rwkv, seed=seed))
-    with torch.no_grad():  # a projector with visible output, so images change the answer
-        for p in vlm.proj.parameters():
-            p.normal_(0.0, 0.5)
-    return vlm.eval()
-
-
-@pytest.fixture(scope="module")
-def vlm():
-    return build_tiny_vlm()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    from vrwkv_core.tokenizer import default_tokenizer
-
-    return default_tokenizer()
 
 
 def _image_inputs(vlm, colors=("red",)):
@@ -62,88 +30,84 @@ def _prompt(vlm, tok, question="What color is the square?", n_images=1):
     return encode_generation_prompt(question, tok, vlm.tokens_per_image, n_images=n_images)
 
 
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x.float() - ref.float()).abs().max() / ref.float().std())
-
-
-def test_state_carried_logits_equal_full_forward(vlm, tok):
-    ids = _prompt(vlm, tok)
-    images = _image_inputs(vlm)
-    cont = tok.encode(" It is a red square on white.")
-    logits, state = prefill(vlm, ids, images)
+def test_state_carried_logits_equal_full_forward(tiny_vlm, tokenizer):
+    ids = _prompt(tiny_vlm, tokenizer)
+    images = _image_inputs(tiny_vlm)
+    cont = tokenizer.encode(" It is a red square on white.")
+    logits, state = prefill(tiny_vlm, ids, images)
     steps = [logits]
     for t in cont[:-1]:
-        logits, state = decode_step(vlm.rwkv, torch.tensor([t]), state)
+        logits, state = decode_step(tiny_vlm.rwkv, torch.tensor([t]), state)
         steps.append(logits)
     with torch.no_grad():
-        full, _ = vlm(torch.tensor([ids + cont[:-1]]), images, logits="all")
+        full, _ = tiny_vlm(torch.tensor([ids + cont[:-1]]), images, logits="all")
     ref = full[0, len(ids) - 1 :]
     assert ref.shape[0] == len(steps)
     for i, step in enumerate(steps):
         assert rel(step[0], ref[i]) < 1e-4, i
 
 
-def test_greedy_is_teacher_forced_argmax(vlm, tok):
-    ids = _prompt(vlm, tok)
-    images = _image_inputs(vlm)
+def test_greedy_is_teacher_forced_argmax(tiny_vlm, tokenizer):
+    ids = _prompt(tiny_vlm, tokenizer)
+    images = _image_inputs(tiny_vlm)
     cfg = GenerationConfig(max_new_tokens=12, stop_tokens=())
-    res = generate(vlm, tok, ids, images, cfg)
+    res = generate(tiny_vlm, tokenizer, ids, images, cfg)
     assert res.finish_reason == "length" and len(res.token_ids) == 12
     with torch.no_grad():
-        full, _ = vlm(torch.tensor([ids + res.token_ids]), images, logits="all")
+        full, _ = tiny_vlm(torch.tensor([ids + res.token_ids]), images, logits="all")
     expected = full[0, len(ids) - 1 : -1].argmax(-1).tolist()
     assert res.token_ids == expected
-    assert res.text == tok.decode(res.token_ids)
+    assert res.text == tokenizer.decode(res.token_ids)
     assert res.n_fed == 11 and res.unfed_ids == res.token_ids[-1:]  # the last token is never fed
     # the result's state continues the sequence: feeding the unfed token gives the next logits
-    logits, _ = decode_step(vlm.rwkv, torch.tensor(res.unfed_ids), res.state)
+    logits, _ = decode_step(tiny_vlm.rwkv, torch.tensor(res.unfed_ids), res.state)
     with torch.no_grad():
-        nxt, _ = vlm(torch.tensor([ids + res.token_ids]), images, logits="last")
+        nxt, _ = tiny_vlm(torch.tensor([ids + res.token_ids]), images, logits="last")
     assert rel(logits[0], nxt[0, -1]) < 1e-4
 
 
-def test_images_change_the_answer(vlm, tok):
-    ids = _prompt(vlm, tok)
+def test_images_change_the_answer(tiny_vlm, tokenizer):
+    ids = _prompt(tiny_vlm, tokenizer)
     cfg = GenerationConfig(max_new_tokens=6, stop_tokens=())
-    a = generate(vlm, tok, ids, _image_inputs(vlm, ["red"]), cfg).token_ids
-    b = generate(vlm, tok, ids, _image_inputs(vlm, ["blue"]), cfg).token_ids
+    a = generate(tiny_vlm, tokenizer, ids, _image_inputs(tiny_vlm, ["red"]), cfg).token_ids
+    b = generate(tiny_vlm, tokenizer, ids, _image_inputs(tiny_vlm, ["blue"]), cfg).token_ids
     assert a != b
 
 
-def test_stop_token_and_stop_string(vlm, tok):
-    ids = _prompt(vlm, tok)
-    images = _image_inputs(vlm)
-    free = generate(vlm, tok, ids, images, GenerationConfig(max_new_tokens=10, stop_tokens=()))
+def test_stop_token_and_stop_string(tiny_vlm, tokenizer):
+    ids = _prompt(tiny_vlm, tokenizer)
+    images = _image_inputs(tiny_vlm)
+    free = generate(tiny_vlm, tokenizer, ids, images, GenerationConfig(max_new_tokens=10, stop_tokens=()))
     seq = free.token_ids
     k = next(i for i in range(1, len(seq)) if seq[i] not in seq[:i])
-    stopped = generate(vlm, tok, ids, images, GenerationConfig(max_new_tokens=10, stop_tokens=(seq[k],)))
+    stopped = generate(tiny_vlm, tokenizer, ids, images, GenerationConfig(max_new_tokens=10, stop_tokens=(seq[k],)))
     assert stopped.finish_reason == "stop_token" and stopped.stop_token == seq[k]
-    assert stopped.token_ids == seq[:k] and stopped.text == tok.decode(seq[:k])
+    assert stopped.token_ids == seq[:k] and stopped.text == tokenizer.decode(seq[:k])
 
     text = free.text
     needle = text[len(text) // 2 : len(text) // 2 + 2]
     cut = text.find(needle)
-    gen = generate_stream(vlm, tok, ids, images, GenerationConfig(max_new_tokens=10, stop_tokens=(), stop_strings=(needle,)))
+    gen = generate_stream(tiny_vlm, tokenizer, ids, images, GenerationConfig(max_new_tokens=10, stop_tokens=(), stop_strings=(needle,)))
     pieces = list(gen)
     assert gen.result.finish_reason == "stop_string"
     assert "".join(pieces) == gen.result.text == text[:cut]
 
 
-def test_max_new_tokens_zero(vlm, tok):
-    res = generate(vlm, tok, _prompt(vlm, tok), _image_inputs(vlm), max_new_tokens=0)
+def test_max_new_tokens_zero(tiny_vlm, tokenizer):
+    res = generate(tiny_vlm, tokenizer, _prompt(tiny_vlm, tokenizer), _image_inputs(tiny_vlm), max_new_tokens=0)
     assert res.token_ids == [] and res.text == "" and res.finish_reason == "length"
 
 
-def test_text_assembler_holds_back_stop_prefixes(tok):
-    asm = TextAssembler(tok, stop_strings=("END",))
+def test_text_assembler_holds_back_stop_prefixes(tokenizer):
+    asm = TextAssembler(tokenizer, stop_strings=("END",))
     shown = []
     for piece in ["Hello E", "N", "D!"]:
-        out, stopped = asm.push(tok.encode(piece))
+        out, stopped = asm.push(tokenizer.encode(piece))
         shown.append(out)
     assert shown == ["Hello ", "", ""] and stopped and asm.emitted == "Hello "
-    asm = TextAssembler(tok, stop_strings=("END",))
-    assert asm.push(tok.encode("Hello E")) == ("Hello ", False)
-    assert asm.push(tok.encode("x")) == ("Ex", False)  # "E" is released once ruled out
+    asm = TextAssembler(tokenizer, stop_strings=("END",))
+    assert asm.push(tokenizer.encode("Hello E")) == ("Hello ", False)
+    assert asm.push(tokenizer.encode("x")) == ("Ex", False)  # "E" is released once ruled out
     assert asm.finish() == ""
 
 
@@ -162,12 +126,12 @@ class ScriptedLM(torch.nn.Module):
         return out, step + 1
 
 
-def test_streaming_never_splits_utf8(tok):
+def test_streaming_never_splits_utf8(tokenizer):
     text = "héllo 世界 🙂!"
     # one id per byte: every multi-byte character arrives in pieces
-    script = [tok.encode_bytes(bytes([b]))[0] for b in text.encode("utf-8")] + [261]
-    assert all(len(tok.idx_to_token[i]) == 1 for i in script[:-1])
-    gen = generate_stream(ScriptedLM(script), tok, [1], max_new_tokens=100)
+    script = [tokenizer.encode_bytes(bytes([b]))[0] for b in text.encode("utf-8")] + [261]
+    assert all(len(tokenizer.idx_to_token[i]) == 1 for i in script[:-1])
+    gen = generate_stream(ScriptedLM(script), tokenizer, [1], max_new_tokens=100)
     pieces = list(gen)
     assert "".join(pieces) == text == gen.result.text
     assert all("\ufffd" not in p for p in pieces)
@@ -175,9 +139,9 @@ def test_streaming_never_splits_utf8(tok):
     assert gen.result.finish_reason == "stop_token" and gen.result.stop_token == 261
 
 
-def test_close_midway_keeps_a_consistent_result(tok):
-    script = tok.encode("one two three four five six")
-    gen = Generation(ScriptedLM(script), tok, torch.nn.functional.one_hot(torch.tensor([script[0]]), 65536).float() * 10,
+def test_close_midway_keeps_a_consistent_result(tokenizer):
+    script = tokenizer.encode("one two three four five six")
+    gen = Generation(ScriptedLM(script), tokenizer, torch.nn.functional.one_hot(torch.tensor([script[0]]), 65536).float() * 10,
                      state=1, config=GenerationConfig(max_new_tokens=50))  # fmt: skip
     first = [next(gen), next(gen), next(gen)]
     res = gen.close()
@@ -186,13 +150,13 @@ def test_close_midway_keeps_a_consistent_result(tok):
     assert gen.done and list(gen) == []
 
 
-def test_batched_greedy_equals_one_by_one(vlm, tok):
+def test_batched_greedy_equals_one_by_one(tiny_vlm, tokenizer):
     questions = ["What color?", "Describe the picture in detail please.", "Shape?", "Is it big or small, and where?"]
-    prompts = [_prompt(vlm, tok, q, n_images=n) for q, n in zip(questions, [1, 1, 2, 0])]
-    images = [_image_inputs(vlm, ["red"]), _image_inputs(vlm, ["green"]), _image_inputs(vlm, ["red", "blue"]), None]
+    prompts = [_prompt(tiny_vlm, tokenizer, q, n_images=n) for q, n in zip(questions, [1, 1, 2, 0])]
+    images = [_image_inputs(tiny_vlm, ["red"]), _image_inputs(tiny_vlm, ["green"]), _image_inputs(tiny_vlm, ["red", "blue"]), None]
     free = GenerationConfig(max_new_tokens=8, stop_tokens=())
-    singles = [generate(vlm, tok, p, im, free).token_ids for p, im in zip(prompts, images)]
-    assert [r.token_ids for r in generate_batch(vlm, tok, prompts, images, free, batch_size=3)] == singles
+    singles = [generate(tiny_vlm, tokenizer, p, im, free).token_ids for p, im in zip(prompts, images)]
+    assert [r.token_ids for r in generate_batch(tiny_vlm, tokenizer, prompts, images, free, batch_size=3)] == singles
     # stop tokens taken from the singles make samples finish at different steps, so rows
     # drop out of the batch and queued prompts join it; one by one, greedy answers are
     # the free runs cut before their first stop token
@@ -202,26 +166,26 @@ def test_batched_greedy_equals_one_by_one(vlm, tok):
         cut = next((i for i, t in enumerate(seq) if t in stops), len(seq))
         expected.append(seq[:cut])
     cfg = GenerationConfig(max_new_tokens=8, stop_tokens=stops)
-    batched = generate_batch(vlm, tok, prompts, images, cfg, batch_size=2)
+    batched = generate_batch(tiny_vlm, tokenizer, prompts, images, cfg, batch_size=2)
     assert [b.token_ids for b in batched] == expected
-    assert [b.text for b in batched] == [tok.decode(e) for e in expected]
+    assert [b.text for b in batched] == [tokenizer.decode(e) for e in expected]
     assert [b.finish_reason for b in batched] == ["stop_token" if len(e) < 8 else "length" for e in expected]
     assert len({len(e) for e in expected}) > 1
 
 
 @pytest.mark.gpu
-def test_cuda_decoding_and_batching(tok):
+def test_cuda_decoding_and_batching(tokenizer):
     vlm = build_tiny_vlm().cuda()
-    ids = _prompt(vlm, tok)
+    ids = _prompt(vlm, tokenizer)
     images = _image_inputs(vlm)
-    res = generate(vlm, tok, ids, images, GenerationConfig(max_new_tokens=8, stop_tokens=()))
+    res = generate(vlm, tokenizer, ids, images, GenerationConfig(max_new_tokens=8, stop_tokens=()))
     with torch.no_grad():
         full, _ = vlm(torch.tensor([ids + res.token_ids]), images, logits="all")
     assert full[0, len(ids) - 1 : -1].argmax(-1).tolist() == res.token_ids
-    prompts = [ids, _prompt(vlm, tok, "Longer question about the picture?")]
+    prompts = [ids, _prompt(vlm, tokenizer, "Longer question about the picture?")]
     cfg = GenerationConfig(max_new_tokens=6, stop_tokens=())
-    singles = [generate(vlm, tok, p, images, cfg).token_ids for p in prompts]
-    assert [r.token_ids for r in generate_batch(vlm, tok, prompts, [images, images], cfg)] == singles
+    singles = [generate(vlm, tokenizer, p, images, cfg).token_ids for p in prompts]
+    assert [r.token_ids for r in generate_batch(vlm, tokenizer, prompts, [images, images], cfg)] == singles
     vlm = vlm.to(torch.bfloat16)  # bf16 weights, fp32 WKV state: decoding follows the full forward
     logits, state = prefill(vlm, ids, images)
     for t in res.token_ids[:4]:

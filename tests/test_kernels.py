@@ -193,12 +193,15 @@ def test_dispatcher_unknown_backend():
         wkv7(*xs, backend="triton")
 
 
-def test_chunked_rejects_mismatched_shapes():
+@pytest.mark.parametrize("fn", [wkv7_chunked, wkv7_reference])
+def test_backends_reject_mismatched_shapes(fn):
     xs, state = make_inputs(1, 4, 2, 16, seed=1)
-    with pytest.raises(ValueError, match="k"):
-        wkv7_chunked(xs[0], xs[1], xs[2][:, :3], *xs[3:])
-    with pytest.raises(ValueError, match="state"):
-        wkv7_chunked(*xs, state[:, :1])
+    with pytest.raises(ValueError, match="wkv7: k has shape"):
+        fn(xs[0], xs[1], xs[2][:, :3], *xs[3:])
+    with pytest.raises(ValueError, match="wkv7: state has shape"):
+        fn(*xs, state[:, :1])
+    with pytest.raises(ValueError, match=r"wkv7: r must be \[B, T, H, N\]"):
+        fn(*(x[0] for x in xs))
 
 
 def test_wkv_bench_rows():

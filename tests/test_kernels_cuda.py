@@ -276,6 +276,14 @@ def test_build_errors_are_one_line(monkeypatch):
         cuda.build(chunk_len=3)
 
 
+def test_cuda_backend_checks_its_inputs_before_building():
+    xs, _, _, _ = make_inputs(1, 3, 1, N=8)
+    with pytest.raises(ValueError, match="wkv7: k has shape"):
+        cuda.wkv7_cuda(xs[0], xs[1], xs[2][:, :2], *xs[3:])
+    with pytest.raises(ValueError, match="one CUDA device"):
+        cuda.wkv7_cuda(*xs)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
 def test_status_without_gpu():
     assert cuda.is_available(64) is False

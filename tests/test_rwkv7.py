@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import rel
 from vrwkv_core.bench.lm import random_rwkv7_weights
 from vrwkv_core.config import RWKVSection
 from vrwkv_core.errors import CheckpointError
@@ -23,11 +24,6 @@ TINY = RWKVSection(n_layer=3, n_embd=128, head_size=64, vocab_size=1000)
 @pytest.fixture(scope="module")
 def tiny() -> RWKV7:
     return RWKV7.from_state_dict(random_rwkv7_weights(TINY, seed=3))
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max|x - ref| / std(ref), the logits tolerance of DESIGN.md."""
-    return float((x.float() - ref.float()).abs().max() / ref.float().std())
 
 
 # The rwkv package reads RWKV_V7_ON at import and switches torch's JIT settings globally,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ast
 import time
 
 import pytest
 import torch
 from PIL import Image
 
+from conftest import read_manifest
 from vrwkv_core.config import ModelSection, RWKVSection, TinyTowerSection, VisionSection
 from vrwkv_core.errors import CheckpointError, RecipeError
 from vrwkv_core.model import vision
@@ -25,14 +25,6 @@ from vrwkv_core.model.vision import (
 TINY_VISION = VisionSection(
     towers=["tiny"], image_size=64, tiny=TinyTowerSection(width=32, depth=2, heads=2, patch_size=8)
 )
-
-
-def read_manifest(path) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for line in path.read_text().splitlines():
-        name, shape, _dtype = line.split("\t")
-        out[name] = tuple(ast.literal_eval(shape))
-    return out
 
 
 def test_sam_fold_puts_each_2x2_block_into_channels_c4_2dy_dx() -> None:

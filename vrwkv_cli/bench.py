@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated
 
 import typer
@@ -10,6 +11,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure spee
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON line instead of a table.")]
 ThreadsOpt = Annotated[int, typer.Option(help="torch CPU threads.")]
+
+
+class Clock(str, Enum):
+    wall = "wall"
+    cpu = "cpu"
 
 
 @app.command()
@@ -38,16 +44,19 @@ def lm(
     decode_tokens: Annotated[int, typer.Option(help="Tokens to decode.")] = 64,
     bf16: Annotated[bool, typer.Option("--bf16", help="Add a bf16-weights row.")] = False,
     rwkv6: Annotated[bool, typer.Option("--rwkv6", help="Add RWKV-6 1.6B-shape rows (needs ~13 GB RAM).")] = False,
+    clock: Annotated[Clock, typer.Option(
+        help="What the RWKV-7 rows time: wall (elapsed) or cpu (process CPU time; steadier on a busy "
+             "shared machine, with --threads 1).")] = Clock.wall,  # fmt: skip
     as_json: JsonOpt = False,
 ) -> None:
     """RWKV-7 0.1B shape: prefill and decode tokens/s, ours vs the `rwkv` package.
 
-    Example: vrwkv bench lm --bf16
+    Example: vrwkv bench lm --bf16   (on a busy machine: vrwkv bench lm --threads 1 --clock cpu)
     """
     from vrwkv_cli.common import print_rows
     from vrwkv_core.bench.lm import run_lm_bench
 
-    rows = run_lm_bench(threads=threads, T=length, decode_tokens=decode_tokens, bf16=bf16)
+    rows = run_lm_bench(threads=threads, T=length, decode_tokens=decode_tokens, bf16=bf16, clock=clock.value)
     print_rows(rows, "RWKV-7 L12 D768 random weights", as_json)
     if rwkv6:
         from vrwkv_core.bench.lm6 import run_rwkv6_bench

@@ -3,9 +3,10 @@
     vrwkv eval --model out/tiny/finetune --benchmark shapes --data-root data/shapes --out runs/shapes --json
     vrwkv eval score textvqa --answers answers.jsonl --annotations TextVQA_0.5.1_val.json --json
 
-Generation, resume, shards and the expected data tree: `vrwkv_core.eval.generate`; the
-benchmark registry and the metrics: `vrwkv_core.eval`. This module only parses arguments
-and prints (Rich tables, or with --json one JSON object as the last stdout line).
+Generation, resume and shards: `vrwkv_core.eval.generate`; the expected data tree and
+the prompts: `vrwkv_core.eval.questions`; the benchmark registry and the metrics:
+`vrwkv_core.eval`. This module only parses arguments and prints (Rich tables, or with
+--json one JSON object as the last stdout line).
 """
 
 import json

@@ -2,7 +2,7 @@
 
 The public names load lazily so that `import vrwkv_core` (and `vrwkv --help`) stays fast:
 
-    from vrwkv_core import RWKV7, VisualRWKV, RWKVTokenizer, load_recipe, ChatSession
+    from vrwkv_core import RWKV7, RWKVState, VisualRWKV, RWKVTokenizer, load_recipe, ChatSession
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ _LAZY = {
     "load_recipe": "vrwkv_core.config",
     "RWKV7": "vrwkv_core.model.rwkv7",
     "RWKV6": "vrwkv_core.model.rwkv6",
+    "RWKVState": "vrwkv_core.model.state",
     "VisualRWKV": "vrwkv_core.model.visual_rwkv",
     "ChatSession": "vrwkv_core.infer.chat",
 }

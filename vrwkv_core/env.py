@@ -9,6 +9,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from vrwkv_core.paths import cache_paths
+
 
 def _version(dist: str) -> str:
     try:
@@ -28,11 +30,6 @@ def _nvcc() -> str:
         return "not runnable"
     release = [line for line in out.splitlines() if "release" in line]
     return f"{release[-1].strip() if release else out.strip()} ({nvcc})"
-
-
-def cache_dir() -> Path:
-    """vrwkv's own cache (verified hashes, built kernels): $VRWKV_CACHE or ~/.cache/vrwkv."""
-    return Path(os.environ.get("VRWKV_CACHE", Path.home() / ".cache" / "vrwkv"))
 
 
 def collect_env(try_build: bool = True) -> dict[str, str]:
@@ -62,12 +59,6 @@ def collect_env(try_build: bool = True) -> dict[str, str]:
         info["CUDA WKV kernel"] = cuda_kernel.build_status() if try_build else "not checked (--no-build)"
     except Exception as err:  # the report must never fail because the kernel module does
         info["CUDA WKV kernel"] = f"not available: {err}"
-    try:
-        from huggingface_hub import constants
-
-        info["hub cache"] = str(constants.HF_HUB_CACHE)
-    except Exception:
-        info["hub cache"] = "unknown"
-    info["vrwkv cache"] = str(cache_dir())
+    info.update(cache_paths())
     info["outputs"] = str(Path.cwd() / "out")
     return info

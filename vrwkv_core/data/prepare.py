@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from vrwkv_core.data.conversation import Tokenizer
-from vrwkv_core.data.fsutil import atomic_open, atomic_write_text
 from vrwkv_core.data.sources import SourceItem, detect_format, iter_records
 from vrwkv_core.data.validate import INVALID_JSON, CheckResult, ImageLimits, RecordChecker, make_checker
 from vrwkv_core.errors import DataError
+from vrwkv_core.fsutil import atomic_open, atomic_write_text
 from vrwkv_core.progress import Progress
 
 CHUNK_SIZE = 256

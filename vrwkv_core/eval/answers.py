@@ -55,11 +55,12 @@ def read_answers(path: str | Path) -> list[Answer]:
     with path.open(encoding="utf-8") as f:
         for lineno, raw in enumerate(f, start=1):
             if raw.strip():
-                answers.append(_parse_line(raw, path, lineno))
+                answers.append(parse_answer_line(raw, path, lineno))
     return answers
 
 
-def _parse_line(raw: str, path: Path, lineno: int) -> Answer:
+def parse_answer_line(raw: str, path: Path, lineno: int) -> Answer:
+    """One answer line -> Answer; DataError naming `path:lineno` when it is not one."""
     where = f"{path}:{lineno}"
     try:
         obj = json.loads(raw)

@@ -30,6 +30,7 @@ from vrwkv_core.errors import DataError, VrwkvError
 from vrwkv_core.eval import metrics
 from vrwkv_core.eval.answers import Answer, dedupe, read_answers
 from vrwkv_core.eval.normalize import normalize_answer
+from vrwkv_core.fsutil import atomic_write_text
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
@@ -119,7 +120,8 @@ class Benchmark:
 
 # ---------------------------------------------------------------- file helpers
 
-def _load_json(path: Path, what: str) -> Any:
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file's data; DataError "WHAT not found" or naming the bad line."""
     if not path.is_file():
         raise DataError(f"{what} not found: {path}")
     try:
@@ -129,7 +131,8 @@ def _load_json(path: Path, what: str) -> Any:
         raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
 
 
-def _load_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
+def read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSON-lines file; DataError naming a bad line."""
     if not path.is_file():
         raise DataError(f"{what} not found: {path}")
     rows = []
@@ -186,7 +189,7 @@ class _TextVQATruth:
 
 
 def _load_textvqa(annotations: Path, questions: Path | None) -> _TextVQATruth:
-    entries = _list_field(_load_json(annotations, "TextVQA annotations"), "data", annotations)
+    entries = _list_field(read_json(annotations, "TextVQA annotations"), "data", annotations)
     by_qid, by_iq = {}, {}
     for i, e in enumerate(entries):
         _require(e, ("question_id", "image_id", "question", "answers"), f"{annotations}: data[{i}]")
@@ -247,7 +250,7 @@ class _VQAv2Truth:
 
 
 def _load_vqav2(annotations: Path, questions: Path | None) -> _VQAv2Truth:
-    entries = _list_field(_load_json(annotations, "VQAv2 annotations"), "annotations", annotations)
+    entries = _list_field(read_json(annotations, "VQAv2 annotations"), "annotations", annotations)
     humans: dict[str, list[str]] = {}
     for i, e in enumerate(entries):
         where = f"{annotations}: annotations[{i}]"
@@ -259,7 +262,7 @@ def _load_vqav2(annotations: Path, questions: Path | None) -> _VQAv2Truth:
         humans[str(e["question_id"])] = [str(a["answer"]) for a in e["answers"]]
     if questions is not None:
         # The question file fixes the scope (e.g. a subset); every question needs annotations.
-        qs = _list_field(_load_json(questions, "VQAv2 questions"), "questions", questions)
+        qs = _list_field(read_json(questions, "VQAv2 questions"), "questions", questions)
         scope = {}
         for i, q in enumerate(qs):
             _require(q, ("question_id",), f"{questions}: questions[{i}]")
@@ -287,9 +290,9 @@ class _TestQuestions:
 
 def _load_vqav2_test(annotations: Path, questions: Path | None) -> _TestQuestions:
     if annotations.suffix == ".jsonl":
-        rows = [(f"{annotations}:{n}", obj) for n, obj in _load_jsonl(annotations, "VQAv2 test questions")]
+        rows = [(f"{annotations}:{n}", obj) for n, obj in read_jsonl(annotations, "VQAv2 test questions")]
     else:
-        data = _load_json(annotations, "VQAv2 test questions")
+        data = read_json(annotations, "VQAv2 test questions")
         qs = _list_field(data, "questions", annotations)
         rows = [(f"{annotations}: questions[{i}]", q) for i, q in enumerate(qs)]
     ids = []
@@ -307,10 +310,7 @@ def _metric_vqav2_test(answers: list[Answer], truth: _TestQuestions, out: Path |
     # EvalAI wants every test id; LLaVA submits "" for the ones without an answer.
     rows = [{"question_id": q, "answer": by_id.get(str(q), "")} for q in truth.ids]
     assert out is not None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(rows), encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, json.dumps(rows))
     missing = len(truth.ids) - len(kept)
     return ScoreResult("vqav2-testdev", None, len(kept), missing, dup,
                        {"submission": str(out), "written": len(rows)})
@@ -327,7 +327,7 @@ class _GQATruth:
 
 
 def _load_gqa(annotations: Path, questions: Path | None) -> _GQATruth:
-    data = _load_json(annotations, "GQA questions")
+    data = read_json(annotations, "GQA questions")
     if not isinstance(data, dict):
         raise DataError(f"{annotations}: expected a JSON object {{question id: question}}")
     gold = {}
@@ -356,8 +356,8 @@ class _SQATruth:
 
 def _load_scienceqa(annotations: Path, questions: Path | None) -> _SQATruth:
     folder = annotations.parent if annotations.is_file() else annotations
-    problems = _load_json(folder / "problems.json", "ScienceQA problems.json")
-    splits = _load_json(folder / "pid_splits.json", "ScienceQA pid_splits.json")
+    problems = read_json(folder / "problems.json", "ScienceQA problems.json")
+    splits = read_json(folder / "pid_splits.json", "ScienceQA pid_splits.json")
     if not isinstance(splits, dict) or not isinstance(splits.get("test"), list):
         raise DataError(f"{folder / 'pid_splits.json'}: no 'test' list")
     if not isinstance(problems, dict):
@@ -416,13 +416,13 @@ def _load_pope(annotations: Path, questions: Path | None) -> _PopeTruth:
     for f in files:
         if not (f.name.startswith("coco_pope_") and f.name.endswith(".json")):
             raise DataError(f"{f}: POPE label files are named coco_pope_<category>.json")
-        rows = _load_jsonl(f, "POPE labels")
+        rows = read_jsonl(f, "POPE labels")
         for n, row in rows:
             _require(row, ("label",), f"{f}:{n}")
         labels[f.name[len("coco_pope_"):-len(".json")]] = rows
     by_id: dict[str, tuple[str, int, int, dict]] = {}
     seen: dict[str, int] = {}
-    for n, q in _load_jsonl(questions, "POPE questions"):
+    for n, q in read_jsonl(questions, "POPE questions"):
         _require(q, ("question_id", "category"), f"{questions}:{n}")
         cat = str(q["category"])
         k = seen.get(cat, 0)
@@ -486,7 +486,7 @@ def _load_shapes(annotations: Path, questions: Path | None) -> _ShapesTruth:
     if annotations.is_dir():
         path = next((p for p in (annotations / "answers.json", annotations / "eval" / "answers.json")
                      if p.is_file()), annotations / "eval" / "answers.json")
-    data = _load_json(path, "shapes answers")
+    data = read_json(path, "shapes answers")
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object {{question id: [accepted answers]}}")
     accepted = {}

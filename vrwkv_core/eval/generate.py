@@ -1,34 +1,10 @@
 """Answer generation for the benchmarks: `vrwkv eval --model M --benchmark B --data-root DIR --out OUT`.
 
-Reads a benchmark's questions from LLaVA-1.5's evaluation layout, builds each prompt,
-answers greedily in RNN mode with continuous batching (`generate_many`), appends each
-answer to `OUT/answers.jsonl` as soon as it is finished (LLaVA fields; flushed, so a
-crash loses only the answers in flight), then scores the file with the benchmark's
-official metric and writes `OUT/scores.json`.
-
-Expected tree: `--data-root` is the benchmark's folder (or its parent, e.g. LLaVA's
-`playground/data/eval`, when the folder has the name below). Paths are relative to it.
-
-    benchmark      folder    questions                                   images        annotations
-    textvqa        textvqa   llava_textvqa_val_v051_ocr.jsonl            train_images/ TextVQA_0.5.1_val.json
-    vqav2          vqav2     v2_OpenEnded_mscoco_val2014_questions.json  val2014/      v2_mscoco_val2014_annotations.json
-    vqav2-testdev  vqav2     llava_vqav2_mscoco_test-dev2015.jsonl       test2015/     llava_vqav2_mscoco_test2015.jsonl
-    gqa            gqa       llava_gqa_testdev_balanced.jsonl            data/images/  data/testdev_balanced_questions.json
-    scienceqa      scienceqa llava_test_CQM-A.json                       images/test/  ./ (problems.json, pid_splits.json)
-    pope           pope      llava_pope_test.jsonl                       val2014/      coco/ (coco_pope_{adversarial,popular,random}.json)
-    shapes         shapes    eval/questions.jsonl                        images/       eval/answers.json
-
-Question files: LLaVA JSONL (`question_id`, `image`, `text`, optional `category`; the
-text already ends with the benchmark's instruction), ScienceQA's JSON list (`id`,
-optional `image`, `conversations[0].value`; the letter instruction is appended here, as
-LLaVA's `--single-pred-prompt` does), or the official VQAv2 `{"questions": [...]}` file
-(images `COCO_val2014_{image_id:012d}.jpg`). An instruction already at the end of a
-question is never added twice. Questions without an image (ScienceQA text-only) are
-answered from text alone.
-
-Prompt styles: `v7` puts the image markers first (`User: <image>\\n{q}\\n\\nAssistant:`);
-`v6` is VisualRWKV v6.0's "middle" prompt, `User: {q without the short-answer line}\\n<image>\\n{q}\\n\\nAssistant:`,
-and, like v6.0's own eval, adds no letter instruction to ScienceQA.
+Reads a benchmark's questions (where they are, their formats and the prompt styles:
+`questions.py`), answers greedily in RNN mode with continuous batching
+(`generate_many`), appends each answer to `OUT/answers.jsonl` as soon as it is finished
+(LLaVA fields; flushed, so a crash loses only the answers in flight), then scores the
+file with the benchmark's official metric and writes `OUT/scores.json`.
 
 Resume and shards: answered question ids are read back from every answer file in OUT
 and skipped (a truncated last line from a crash is dropped and the file repaired).
@@ -43,9 +19,7 @@ what to score.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,17 +27,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from vrwkv_core.data.conversation import IMAGE_MARKER, collapse_blank_lines, encode_generation_prompt, encode_turn_text
-from vrwkv_core.data.fsutil import atomic_write_text
 from vrwkv_core.errors import DataError, VrwkvError
-from vrwkv_core.eval.answers import Answer, _parse_line, write_answers
-from vrwkv_core.eval.benchmarks import OPTION_LETTER, SHORT_ANSWER, Benchmark, ScoreResult, get_benchmark
+from vrwkv_core.eval.answers import Answer, parse_answer_line, write_answers
+from vrwkv_core.eval.benchmarks import Benchmark, ScoreResult, get_benchmark
+from vrwkv_core.eval.questions import (
+    PROMPT_STYLES,
+    EvalPaths,
+    Question,
+    answer_prompt,
+    encode_prompt,
+    load_questions,
+    question_text,
+    resolve_paths,
+)
+from vrwkv_core.fsutil import atomic_path, atomic_write_text
 from vrwkv_core.progress import Progress
 
 if TYPE_CHECKING:
     from vrwkv_core.tokenizer import RWKVTokenizer
 
-PROMPT_STYLES = ("v7", "v6")
 ANSWERS = "answers.jsonl"
 RUN_FILE = "run.json"
 SCORES = "scores.json"
@@ -71,146 +53,7 @@ DEFAULT_MAX_NEW_TOKENS = 128  # the research eval scripts' default; answers are 
 _SHARD_FILE = re.compile(r"^answers\.shard-(\d+)-of-(\d+)\.jsonl$")
 
 
-# ---------------------------------------------------------------- where the files are
-
-@dataclass(frozen=True)
-class Layout:
-    """Where one benchmark's files live inside its folder."""
-
-    folder: str
-    """The folder's name under LLaVA's playground/data/eval."""
-    questions: str
-    images: str
-    annotations: str
-    score_with_questions: bool = False
-    """Pass the question file to the scorer as --questions (POPE needs its categories)."""
-
-
-LAYOUTS: dict[str, Layout] = {
-    "textvqa": Layout("textvqa", "llava_textvqa_val_v051_ocr.jsonl", "train_images", "TextVQA_0.5.1_val.json"),
-    "vqav2": Layout("vqav2", "v2_OpenEnded_mscoco_val2014_questions.json", "val2014",
-                    "v2_mscoco_val2014_annotations.json", score_with_questions=True),
-    "vqav2-testdev": Layout("vqav2", "llava_vqav2_mscoco_test-dev2015.jsonl", "test2015",
-                            "llava_vqav2_mscoco_test2015.jsonl"),
-    "gqa": Layout("gqa", "llava_gqa_testdev_balanced.jsonl", "data/images", "data/testdev_balanced_questions.json"),
-    "scienceqa": Layout("scienceqa", "llava_test_CQM-A.json", "images/test", "."),
-    "pope": Layout("pope", "llava_pope_test.jsonl", "val2014", "coco", score_with_questions=True),
-    "shapes": Layout("shapes", "eval/questions.jsonl", "images", "eval/answers.json"),
-}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class EvalPaths:
-    """A benchmark's files, resolved under --data-root."""
-
-    root: Path
-    questions: Path
-    images: Path
-    annotations: Path
-    score_questions: Path | None
-
-
-def resolve_paths(benchmark: str, data_root: str | Path) -> EvalPaths:
-    """The benchmark's files under `data_root` (its folder, or the folder's parent);
-    DataError naming the first missing one."""
-    name = get_benchmark(benchmark).name
-    layout = LAYOUTS[name]
-    given = Path(data_root).expanduser()
-    root = next((r for r in (given, given / layout.folder) if (r / layout.questions).is_file()), None)
-    if root is None:
-        raise DataError(
-            f"{name}: question file not found: {given / layout.questions}",
-            hint=f"--data-root is the {name} folder holding {layout.questions}, {layout.images}/ and "
-                 f"{layout.annotations} (LLaVA: playground/data/eval/{layout.folder})",
-        )  # fmt: skip
-    paths = EvalPaths(root, root / layout.questions, root / layout.images, (root / layout.annotations),
-                      root / layout.questions if layout.score_with_questions else None)  # fmt: skip
-    if not paths.images.is_dir():
-        raise DataError(f"{name}: image folder not found: {paths.images}")
-    if not paths.annotations.exists():
-        raise DataError(f"{name}: annotations not found: {paths.annotations}",
-                        hint="answers are scored against it; `vrwkv eval score` scores an answer file later")  # fmt: skip
-    return paths
-
-
-# ---------------------------------------------------------------- questions
-
-@dataclass(frozen=True)
-class Question:
-    """One benchmark question."""
-
-    question_id: int | str
-    text: str
-    """As written in the question file, `<image>` markers removed."""
-    image: str | None = None
-    """Path relative to the image folder; None for a text-only question."""
-    category: str | None = None
-
-
-def load_questions(path: str | Path) -> list[Question]:
-    """Questions of a LLaVA JSONL file, a ScienceQA-style JSON list, or the official VQAv2 JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"question file not found: {path}")
-    if path.suffix == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for n, raw in enumerate(f, start=1):
-                if raw.strip():
-                    rows.append((f"{path}:{n}", _json(raw, f"{path}:{n}")))
-        return [_llava_question(obj, where) for where, obj in rows]
-    data = _json(path.read_text(encoding="utf-8"), str(path))
-    if isinstance(data, dict) and isinstance(data.get("questions"), list):
-        split = str(data.get("data_subtype", "val2014"))
-        return [_vqav2_question(q, split, f"{path}: questions[{i}]") for i, q in enumerate(data["questions"])]
-    if isinstance(data, list):
-        return [_llava_question(q, f"{path}: [{i}]") for i, q in enumerate(data)]
-    raise DataError(f"{path}: expected JSON lines, a JSON list, or an object with a 'questions' list")
-
-
-def _json(text: str, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-
-
-def _question_id(obj: dict, keys: tuple[str, ...], where: str) -> int | str:
-    for key in keys:
-        qid = obj.get(key)
-        if isinstance(qid, (int, str)) and not isinstance(qid, bool):
-            return qid
-    raise DataError(f"{where}: no question id ({' or '.join(repr(k) for k in keys)})")
-
-
-def _llava_question(obj: Any, where: str) -> Question:
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object")
-    qid = _question_id(obj, ("question_id", "id"), where)
-    if isinstance(obj.get("text"), str):
-        text = obj["text"]
-    else:
-        turns = obj.get("conversations")
-        first = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], dict) else {}
-        if not isinstance(first.get("value"), str):
-            raise DataError(f"{where}: no question ('text', or 'conversations' with a first 'value')")
-        text = first["value"]
-    image = obj.get("image")
-    if isinstance(image, list):  # LLaVA training records hold a list; eval files one name
-        image = image[0] if len(image) == 1 else None
-    if image is not None and not isinstance(image, str):
-        raise DataError(f"{where}: 'image' must be a file name")
-    category = obj.get("category")
-    return Question(qid, collapse_blank_lines(text.replace(IMAGE_MARKER, "")), image,
-                    str(category) if category is not None else None)  # fmt: skip
-
-
-def _vqav2_question(obj: Any, split: str, where: str) -> Question:
-    if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) or not isinstance(obj.get("image_id"), int):
-        raise DataError(f"{where}: expected an object with 'question_id', 'question' and an int 'image_id'")
-    qid = _question_id(obj, ("question_id",), where)
-    return Question(qid, obj["question"].strip(), f"COCO_{split}_{obj['image_id']:012d}.jpg")
-
+# ---------------------------------------------------------------- shards and answer files
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """"I/N" (0 <= I < N) -> (I, N); None stays None."""
@@ -229,54 +72,6 @@ def shard_slice(items: Sequence[Any], shard: tuple[int, int] | None) -> list[Any
     i, n = shard
     return list(items[i::n])
 
-
-# ---------------------------------------------------------------- prompts
-
-def prompt_suffix(bench: Benchmark, style: str) -> str | None:
-    """The instruction appended to each question; v6.0's eval added none to ScienceQA."""
-    if style == "v6" and bench.prompt_suffix == OPTION_LETTER:
-        return None
-    return bench.prompt_suffix
-
-
-def question_text(q: Question, bench: Benchmark, style: str = "v7") -> str:
-    """The question with its instruction (added once)."""
-    suffix = prompt_suffix(bench, style)
-    if not suffix or q.text.rstrip().endswith(suffix):
-        return q.text
-    return f"{q.text}\n{suffix}"
-
-
-def answer_prompt(q: Question, bench: Benchmark, style: str = "v7") -> str:
-    """The answer file's `prompt` as LLaVA writes it: `<image>\\n` + question for image questions
-    (ScienceQA's img_accuracy and TextVQA's matching read it)."""
-    text = question_text(q, bench, style)
-    return f"{IMAGE_MARKER}\n{text}" if q.image else text
-
-
-def v6_turn_text(question: str, n_images: int = 1) -> str:
-    """VisualRWKV v6.0's "middle" human turn: the question without the short-answer
-    line, the image markers, then the whole question."""
-    q = collapse_blank_lines(question.replace(IMAGE_MARKER, ""))
-    if n_images == 0:
-        return f"User: {q}\n\n"
-    before = collapse_blank_lines(q.replace(SHORT_ANSWER, ""))
-    middle = "\n".join([IMAGE_MARKER] * n_images)
-    return f"User: {before}\n{middle}\n{q}\n\n" if before else f"User: {middle}\n{q}\n\n"
-
-
-def encode_prompt(question: str, tokenizer: RWKVTokenizer, tokens_per_image: int, n_images: int = 1,
-                  style: str = "v7") -> list[int]:  # fmt: skip
-    """Prompt ids ending with `Assistant:` in the given style."""
-    if style == "v7":
-        return encode_generation_prompt(question, tokenizer, tokens_per_image, n_images)
-    if style != "v6":
-        raise VrwkvError(f"unknown prompt style {style!r}", hint="use v7 or v6")
-    ids, _ = encode_turn_text(v6_turn_text(question, n_images), tokenizer, tokens_per_image)
-    return ids + list(tokenizer.encode("Assistant:"))
-
-
-# ---------------------------------------------------------------- answer files
 
 def answers_path(out: str | Path, shard: tuple[int, int] | None = None) -> Path:
     """OUT/answers.jsonl, or OUT/answers.shard-I-of-N.jsonl."""
@@ -299,7 +94,7 @@ def read_answer_file(path: str | Path, repair: bool = False) -> list[Answer]:
     if data and not data.endswith(b"\n"):
         last_nl = data.rfind(b"\n") + 1
         try:
-            _parse_line(data[last_nl:].decode("utf-8"), path, 0)
+            parse_answer_line(data[last_nl:].decode("utf-8"), path, 0)
             if repair:
                 with path.open("ab") as f:
                     f.write(b"\n")
@@ -311,7 +106,7 @@ def read_answer_file(path: str | Path, repair: bool = False) -> list[Answer]:
     answers = []
     for n, raw in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
         if raw.strip():
-            answers.append(_parse_line(raw, path, n))
+            answers.append(parse_answer_line(raw, path, n))
     return answers
 
 
@@ -345,10 +140,8 @@ def merge_answers(out: str | Path, questions: Sequence[Question], bench: Benchma
             seen.setdefault(key(a), a)
     merged = sorted(seen.values(), key=lambda a: order.get(key(a), len(order)))
     target = out / ANSWERS
-    fd, tmp = tempfile.mkstemp(prefix=f".{ANSWERS}.", suffix=".tmp", dir=out)  # unique: two shards may merge at once
-    os.close(fd)
-    write_answers(tmp, merged)
-    os.replace(tmp, target)
+    with atomic_path(target, unique=True) as tmp:  # two shards may merge at once
+        write_answers(tmp, merged)
     return target, len(merged)
 
 
@@ -423,7 +216,7 @@ def _check_run_record(out: Path, record: dict[str, Any]) -> None:
                     f"{out} holds answers made with {k}={old[k]!r}, this run has {k}={record[k]!r}",
                     hint="use another --out, or delete its answers*.jsonl to start over",
                 )
-    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n", unique=True)  # every shard writes it
 
 
 def run_eval(
@@ -615,7 +408,7 @@ def score_answers(bench: Benchmark, paths: EvalPaths, answers: Path) -> tuple[Sc
         return None, None
     result = bench.score(answers, paths.annotations, paths.score_questions)
     scores = answers.parent / SCORES
-    atomic_write_text(scores, json.dumps(result.to_json(), indent=1) + "\n")
+    atomic_write_text(scores, json.dumps(result.to_json(), indent=1) + "\n", unique=True)
     return result, scores
 
 
@@ -644,27 +437,15 @@ def merge_and_score(out: str | Path) -> EvalReport:
 
 
 __all__ = [
-    "LAYOUTS",
-    "PROMPT_STYLES",
-    "EvalPaths",
     "EvalReport",
-    "Layout",
-    "Question",
     "answer_files",
-    "answer_prompt",
     "answers_path",
-    "encode_prompt",
-    "load_questions",
     "merge_and_score",
     "merge_answers",
     "model_id_for",
     "parse_shard",
-    "prompt_suffix",
-    "question_text",
     "read_answer_file",
-    "resolve_paths",
     "run_eval",
     "score_answers",
     "shard_slice",
-    "v6_turn_text",
 ]

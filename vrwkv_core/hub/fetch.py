@@ -22,7 +22,8 @@ from typing import Any
 
 from vrwkv_core.errors import DownloadError
 from vrwkv_core.hub.registry import Artifact, get_artifact, list_artifacts, strip_prefix
-from vrwkv_core.hub.integrity import check_file, find_local, hf_cache_dir, raise_on_mismatch
+from vrwkv_core.hub.integrity import check_file, find_local, raise_on_mismatch
+from vrwkv_core.paths import hf_cache_dir
 from vrwkv_core.progress import NULL_PROGRESS, Progress
 
 STALE_PARTIAL_S = 300

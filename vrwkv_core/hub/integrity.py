@@ -7,7 +7,7 @@ same hash), or the ETag huggingface_hub stored beside a `--dir` download. A non-
 file's ETag is its git blob SHA-1, which is checked the same way. Nothing to compare with
 (a file copied in by hand) means the file is hashed and recorded, not vouched for.
 
-The record (`$VRWKV_CACHE_DIR/verified.json`, default ~/.cache/vrwkv) maps an absolute path
+The record (`$VRWKV_CACHE_DIR/verified.json`, default ~/.cache/vrwkv; see paths.py) maps an absolute path
 to its size, mtime and hash. It is written only after a check passes, so an interrupted
 download or a failed check never reads as verified; a file whose size or mtime changed is
 hashed again before use. `vrwkv download --verify` re-hashes regardless.
@@ -19,42 +19,21 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vrwkv_core.errors import DownloadError
+from vrwkv_core.fsutil import atomic_write_text
 from vrwkv_core.hub.registry import Artifact, ArtifactFile, get_artifact
+from vrwkv_core.paths import cache_dir, hf_cache_dir, verified_record
 from vrwkv_core.progress import NULL_PROGRESS, Progress
 
-CACHE_ENV = "VRWKV_CACHE_DIR"
 CHUNK = 8 * 1024 * 1024
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
 FIRST_USE = "the sha256 recorded when first used"
-
-
-def cache_dir() -> Path:
-    """Where vrwkv keeps its own small state (not the downloads)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vrwkv"
-
-
-def record_path() -> Path:
-    return cache_dir() / "verified.json"
-
-
-def hf_cache_dir() -> Path:
-    """huggingface_hub's cache folder, read from the environment now (not at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
 
 
 @dataclass
@@ -137,7 +116,7 @@ def expected_from_etag(etag: str | None, source: str) -> Expected | None:
 
 def _load() -> dict[str, dict]:
     try:
-        data = json.loads(record_path().read_text(encoding="utf-8"))
+        data = json.loads(verified_record().read_text(encoding="utf-8"))
         return data.get("files", {}) if isinstance(data, dict) else {}
     except (OSError, json.JSONDecodeError):
         return {}
@@ -147,7 +126,7 @@ def _lock() -> Any:
     from filelock import FileLock
 
     cache_dir().mkdir(parents=True, exist_ok=True)
-    return FileLock(str(record_path()) + ".lock")
+    return FileLock(str(verified_record()) + ".lock")
 
 
 def _update(key: str, entry: dict) -> None:
@@ -155,11 +134,7 @@ def _update(key: str, entry: dict) -> None:
     with _lock():
         files = _load()
         files[key] = entry
-        path = record_path()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".verified.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"version": 1, "files": files}, fh, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        atomic_write_text(verified_record(), json.dumps({"version": 1, "files": files}, indent=1, sort_keys=True))
 
 
 def _key(path: Path) -> str:
@@ -268,7 +243,7 @@ def raise_on_mismatch(check: FileCheck, name: str) -> None:
     assert check.expected is not None
     if check.expected.source == FIRST_USE:
         hint = (f"it changed since vrwkv first hashed it and has no other reference hash; if that was "
-                f"intended, delete its entry from {record_path()}")
+                f"intended, delete its entry from {verified_record()}")
     else:
         hint = f"the file is corrupt or was replaced upstream; run `vrwkv download {name} --force` to fetch it again"
     raise DownloadError(

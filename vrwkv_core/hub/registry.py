@@ -113,6 +113,12 @@ def _external(name: str, description: str, subdir: str, source: str, notes: str,
     )
 
 
+def _models(repo_id: str, *rows: tuple) -> tuple[Artifact, ...]:
+    """Single-file models of one hub repo, a row each: (name, description, filename, MB[, sha256])."""
+    return tuple(_hub(name, "model", description, repo_id, ArtifactFile(filename, mb * _MB, *sha))
+                 for name, description, filename, mb, *sha in rows)  # fmt: skip
+
+
 _F = ArtifactFile
 _RWKV7 = "BlinkDL/rwkv-7-world"
 _RWKV6 = "BlinkDL/rwkv-6-world"
@@ -121,20 +127,22 @@ _COCO_VAL = "http://images.cocodataset.org/zips/val2014.zip"
 
 BUILTIN: tuple[Artifact, ...] = (
     # RWKV-7 World language models (the LM inside VisualRWKV v7.00).
-    _hub("rwkv7-world-0b1", "model", "RWKV-7 World 0.1B (L12 D768)", _RWKV7,
-         _F("RWKV-x070-World-0.1B-v2.8-20241210-ctx4096.pth", 382 * _MB,
-            "60c98129b9529963bff2c164b8ab4bd17c19332ae06dc2dcae32aa3a3739295a")),
-    _hub("rwkv7-world-0b4", "model", "RWKV-7 World 0.4B (L24 D1024)", _RWKV7,
-         _F("RWKV-x070-World-0.4B-v2.9-20250107-ctx4096.pth", 902 * _MB)),
-    _hub("rwkv7-world-1b5", "model", "RWKV-7 World 1.5B (L24 D2048)", _RWKV7,
-         _F("RWKV-x070-World-1.5B-v3-20250127-ctx4096.pth", 3060 * _MB)),
+    *_models(_RWKV7,
+             ("rwkv7-world-0b1", "RWKV-7 World 0.1B (L12 D768)",
+              "RWKV-x070-World-0.1B-v2.8-20241210-ctx4096.pth", 382,
+              "60c98129b9529963bff2c164b8ab4bd17c19332ae06dc2dcae32aa3a3739295a"),
+             ("rwkv7-world-0b4", "RWKV-7 World 0.4B (L24 D1024)",
+              "RWKV-x070-World-0.4B-v2.9-20250107-ctx4096.pth", 902),
+             ("rwkv7-world-1b5", "RWKV-7 World 1.5B (L24 D2048)",
+              "RWKV-x070-World-1.5B-v3-20250127-ctx4096.pth", 3060)),
     # Released VisualRWKV v7.00 (towers + projector + RWKV-7 in one fp16 .pth).
-    _hub("visualrwkv-v0700-0b1", "model", "VisualRWKV v7.00 0.1B (towers included)", _VRWKV,
-         _F("VisualRWKV-v0700-0B1-v1.0-20250109.pth", 2052 * _MB)),
-    _hub("visualrwkv-v0700-0b4", "model", "VisualRWKV v7.00 0.4B (towers included)", _VRWKV,
-         _F("VisualRWKV-v0700-0B4-v1.0-20250109.pth", 2576 * _MB)),
-    _hub("visualrwkv-v0700-1b5", "model", "VisualRWKV v7.00 1.5B (towers included)", _VRWKV,
-         _F("VisualRWKV-v0700-1B5-v1.0-20250204.pth", 4733 * _MB)),
+    *_models(_VRWKV,
+             ("visualrwkv-v0700-0b1", "VisualRWKV v7.00 0.1B (towers included)",
+              "VisualRWKV-v0700-0B1-v1.0-20250109.pth", 2052),
+             ("visualrwkv-v0700-0b4", "VisualRWKV v7.00 0.4B (towers included)",
+              "VisualRWKV-v0700-0B4-v1.0-20250109.pth", 2576),
+             ("visualrwkv-v0700-1b5", "VisualRWKV v7.00 1.5B (towers included)",
+              "VisualRWKV-v0700-1B5-v1.0-20250204.pth", 4733)),
     # Vision towers (timm), for building a new model from an RWKV-7 checkpoint.
     _hub("dinov2-l14-reg4", "tower", "DINOv2-L/14 reg4, timm vit_large_patch14_reg4_dinov2.lvd142m",
          "timm/vit_large_patch14_reg4_dinov2.lvd142m", _F("model.safetensors", 1220 * _MB),
@@ -193,18 +201,19 @@ BUILTIN: tuple[Artifact, ...] = (
               "coco/coco_pope_adversarial.json", "coco/coco_pope_popular.json", "coco/coco_pope_random.json",
               alternatives=("lmms-lab/POPE",)),
     # VisualRWKV v6.0 (CLIP ViT-L/14-336 inside) and its RWKV-6 World LMs.
-    _hub("visualrwkv-v060-1b6", "model", "VisualRWKV v6.0 1.6B (CLIP tower included)", _VRWKV,
-         _F("VisualRWKV-v060-1B6-v1.0-20240612.pth", 3810 * _MB)),
-    _hub("visualrwkv-v060-3b", "model", "VisualRWKV v6.0 3B (CLIP tower included)", _VRWKV,
-         _F("VisualRWKV-v060-3B-v1.0-20240612.pth", 6810 * _MB)),
-    _hub("visualrwkv-v060-7b", "model", "VisualRWKV v6.0 7B (CLIP tower included)", _VRWKV,
-         _F("VisualRWKV-v060-7B-v1.0-20240612.pth", 15_900 * _MB)),
-    _hub("rwkv6-world-1b6", "model", "RWKV-6 World 1.6B (L24 C2048)", _RWKV6,
-         _F("RWKV-x060-World-1B6-v2.1-20240328-ctx4096.pth", 3200 * _MB)),
-    _hub("rwkv6-world-3b", "model", "RWKV-6 World 3B (L32 C2560)", _RWKV6,
-         _F("RWKV-x060-World-3B-v2.1-20240417-ctx4096.pth", 6200 * _MB)),
-    _hub("rwkv6-world-7b", "model", "RWKV-6 World 7B (L32 C4096)", _RWKV6,
-         _F("RWKV-x060-World-7B-v2.1-20240507-ctx4096.pth", 15_300 * _MB)),
+    *_models(_VRWKV,
+             ("visualrwkv-v060-1b6", "VisualRWKV v6.0 1.6B (CLIP tower included)",
+              "VisualRWKV-v060-1B6-v1.0-20240612.pth", 3810),
+             ("visualrwkv-v060-3b", "VisualRWKV v6.0 3B (CLIP tower included)",
+              "VisualRWKV-v060-3B-v1.0-20240612.pth", 6810),
+             ("visualrwkv-v060-7b", "VisualRWKV v6.0 7B (CLIP tower included)",
+              "VisualRWKV-v060-7B-v1.0-20240612.pth", 15_900)),
+    *_models(_RWKV6,
+             ("rwkv6-world-1b6", "RWKV-6 World 1.6B (L24 C2048)",
+              "RWKV-x060-World-1B6-v2.1-20240328-ctx4096.pth", 3200),
+             ("rwkv6-world-3b", "RWKV-6 World 3B (L32 C2560)", "RWKV-x060-World-3B-v2.1-20240417-ctx4096.pth", 6200),
+             ("rwkv6-world-7b", "RWKV-6 World 7B (L32 C4096)",
+              "RWKV-x060-World-7B-v2.1-20240507-ctx4096.pth", 15_300)),
     _hub("clip-vit-l14-336", "tower", "OpenAI CLIP ViT-L/14-336 (transformers layout)",
          "openai/clip-vit-large-patch14-336", _F("pytorch_model.bin", 1710 * _MB), _F("config.json", 5000),
          notes="the released VisualRWKV v6.0 files already contain this tower"),

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vrwkv_core.errors import CheckpointError, DataError, VrwkvError
+from vrwkv_core.fsutil import atomic_write_text
 from vrwkv_core.infer.generate import Generation, GenerationResult, prefill
 from vrwkv_core.infer.sampling import DOUBLE_NEWLINE, IMAGE_TOKEN_ID, GenerationConfig, make_config
 
@@ -283,9 +284,7 @@ class ChatSession:
             "pending_ids": self.pending_ids,
             "n_tokens": self.n_tokens,
         }
-        tmp = meta_path.with_name(meta_path.name + ".tmp")
-        tmp.write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(tmp, meta_path)
+        atomic_write_text(meta_path, json.dumps(meta, ensure_ascii=False, indent=1))
         return meta_path
 
     def load_state(self, path: str | os.PathLike) -> None:

@@ -186,6 +186,21 @@ def decode_step(lm: torch.nn.Module, tokens: torch.Tensor, state: RWKVState) -> 
     return out[:, -1].float(), state
 
 
+def _take(token: int, tokens: list[int], text: TextAssembler, stops: set[int], max_new: int) -> tuple[str, str | None]:
+    """One sampled token into an answer: (text now shown, finish reason or None to go on).
+
+    A stop token ends the answer unrecorded; any other token is recorded, then a stop
+    string or the length limit may end it.
+    """
+    if token in stops:
+        return "", "stop_token"
+    tokens.append(token)
+    piece, stopped = text.push([token])
+    if stopped:
+        return piece, "stop_string"
+    return piece, "length" if len(tokens) >= max_new else None
+
+
 class Generation:
     """Streams one answer from prefilled (logits, state): iterate for text pieces.
 
@@ -271,17 +286,16 @@ class Generation:
             token = int(self.sampler(logits)[0])
             if self._ttft is None:
                 self._ttft = time.perf_counter() - self.t_start
-            if token in stops:
-                self._reason, self._stop_token = "stop_token", token
-                break
-            self.tokens.append(token)
-            piece, stopped = self.text.push([token])
+            piece, reason = _take(token, self.tokens, self.text, stops, cfg.max_new_tokens)
             if piece:
                 yield piece
-            if stopped:
-                self._reason = "stop_string"
+            if reason == "stop_token":
+                self._reason, self._stop_token = reason, token
+                break
+            if reason == "stop_string":
+                self._reason = reason
                 return
-            if len(self.tokens) < cfg.max_new_tokens:
+            if reason is None:
                 logits, state = decode_step(self.lm, torch.tensor([token]), state)
                 self._snap = (logits, state, len(self.tokens))
         tail = self.text.finish()
@@ -414,17 +428,11 @@ def generate_many(
             for j, (row, token) in enumerate(zip(rows, tokens.tolist())):
                 if row.ttft is None:
                     row.ttft = now - row.t_start
-                if token in stops:
-                    yield row.index, finished(row, "stop_token", token)
-                    continue
-                row.tokens.append(token)
-                _, stopped = row.text.push([token])
-                if stopped:
-                    yield row.index, finished(row, "stop_string")
-                elif len(row.tokens) >= cfg.max_new_tokens:
-                    yield row.index, finished(row, "length")
-                else:
+                _, reason = _take(token, row.tokens, row.text, stops, cfg.max_new_tokens)
+                if reason is None:
                     keep.append(j)
+                else:
+                    yield row.index, finished(row, reason, token if reason == "stop_token" else None)
             if not keep:
                 rows, logits, state, sampler = [], None, None, None
                 continue

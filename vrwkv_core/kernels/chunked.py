@@ -42,6 +42,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vrwkv_core.kernels.common import check_inputs
+
 CHUNK_LEN = 16
 
 
@@ -66,18 +68,6 @@ def unit_lower_inverse(m: torch.Tensor) -> torch.Tensor:
     return D[..., 0, :, :]
 
 
-def _check_shapes(named: dict[str, torch.Tensor], state: torch.Tensor | None) -> None:
-    shape = named["r"].shape
-    if len(shape) != 4:
-        raise ValueError(f"wkv7: r must be [B, T, H, N], got shape {tuple(shape)}")
-    for name, x in named.items():
-        if x.shape != shape:
-            raise ValueError(f"wkv7: {name} has shape {tuple(x.shape)}, expected {tuple(shape)} like r")
-    B, _, H, N = shape
-    if state is not None and state.shape != (B, H, N, N):
-        raise ValueError(f"wkv7: state has shape {tuple(state.shape)}, expected {(B, H, N, N)}")
-
-
 def wkv7_chunked(
     r: torch.Tensor,
     log_w: torch.Tensor,
@@ -94,10 +84,9 @@ def wkv7_chunked(
     y has the input dtype; the state is float32 (float64 for float64 inputs).
     `chunk_len` must be a power of two (16 or 32 keep the factored decays small).
     """
-    _check_shapes(dict(r=r, log_w=log_w, k=k, v=v, a=a, b=b), state)
+    B, T, H, N = check_inputs((r, log_w, k, v, a, b), state)
     if chunk_len < 1 or chunk_len & (chunk_len - 1):
         raise ValueError(f"wkv7: chunk_len must be a power of two, got {chunk_len}")
-    B, T, H, N = r.shape
     L, BH = chunk_len, B * H
     in_dtype = r.dtype
     dt = torch.float64 if in_dtype == torch.float64 else torch.float32

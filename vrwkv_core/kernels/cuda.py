@@ -28,7 +28,7 @@ rounding growth (C = 16: relative gradient errors ~1e-6 to 1e-5 in float32).
 
 The extension is built on first use from the installed package's sources, one build per
 head size, chunk length and element type (bf16 or fp32; fp16 and fp64 inputs run in fp32),
-cached under $TORCH_EXTENSIONS_DIR or ~/.cache/vrwkv/extensions. Set VRWKV_KERNEL_DEBUG=1
+cached under $VRWKV_CACHE_DIR/extensions (see vrwkv_core/paths.py). Set VRWKV_KERNEL_DEBUG=1
 (or `POISON_OUTPUTS = True`) to allocate every output NaN-filled, so an element the kernel
 forgets to write shows up in tests.
 """
@@ -47,6 +47,8 @@ from typing import Any
 import torch
 
 from vrwkv_core.errors import VrwkvError
+from vrwkv_core.kernels.common import check_inputs
+from vrwkv_core.paths import extensions_dir
 
 SUPPORTED_HEAD_SIZES = (64,)
 DEFAULT_CHUNK_LEN = 16
@@ -87,11 +89,10 @@ def _cuda_home() -> str:
 
 
 def _cache_root() -> Path:
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "vrwkv" / "extensions"
     # torch's own version in the path: a build must not be reused across torch ABIs.
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     tag = f"{py}_torch{torch.__version__.split('+')[0]}_cu{torch.version.cuda}"
-    return Path(root) / tag
+    return extensions_dir() / tag
 
 
 def _check_config(head_size: int, chunk_len: int, dtype: torch.dtype) -> None:
@@ -263,14 +264,9 @@ def wkv7_cuda(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """WKV-7 with the CUDA kernel: inputs [B,T,H,N] on one GPU -> (y in the input dtype, final fp32 state)."""
     xs = (r, log_w, k, v, a, b)
-    if r.dim() != 4 or any(x.shape != r.shape for x in xs):
-        shapes = [tuple(x.shape) for x in xs]
-        raise ValueError(f"wkv7: r, log_w, k, v, a, b must share one [B, T, H, N] shape, got {shapes}")
+    B, T, H, N = check_inputs(xs, state)
     if not all(x.is_cuda and x.device == r.device for x in xs):
         raise ValueError("wkv7 backend 'cuda' needs all inputs on one CUDA device")
-    B, T, H, N = r.shape
-    if state is not None and tuple(state.shape) != (B, H, N, N):
-        raise ValueError(f"wkv7: state must be [{B}, {H}, {N}, {N}], got {tuple(state.shape)}")
     out_dtype = functools.reduce(torch.promote_types, [x.dtype for x in xs])
     dtype = torch.bfloat16 if out_dtype == torch.bfloat16 else torch.float32
     s0 = None if state is None else _aligned(state.to(device=r.device, dtype=torch.float32))

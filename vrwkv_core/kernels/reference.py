@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from vrwkv_core.kernels.common import check_inputs
+
 
 def wkv7_reference(
     r: torch.Tensor,
@@ -24,7 +26,7 @@ def wkv7_reference(
     state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequential WKV-7: inputs [B,T,H,N], state [B,H,N,N] -> (y [B,T,H,N], final state)."""
-    B, T, H, N = r.shape
+    B, T, H, N = check_inputs((r, log_w, k, v, a, b), state)
     in_dtype = r.dtype
     dtype = torch.float64 if in_dtype == torch.float64 else torch.float32
     r, log_w, k, v, a, b = (x.to(dtype) for x in (r, log_w, k, v, a, b))

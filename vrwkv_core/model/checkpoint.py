@@ -184,7 +184,6 @@ def assign_state(
 def _rebuild_part(model: "VisualRWKV", part: str) -> torch.nn.Module:
     """A freshly built copy (on CPU) of the model part that owns a buffer."""
     from vrwkv_core.model.projector import build_projector
-    from vrwkv_core.model.rwkv7 import RWKV7
     from vrwkv_core.model.vision import build_featurizer
     from vrwkv_core.model.visual_rwkv import VisualRWKV
 

@@ -353,7 +353,9 @@ class RWKV7(nn.Module):
         self.vocab_size, self.dim_ffn = cfg.vocab_size, dim_ffn
         self.grad_checkpoint = False
         with torch.device("meta"):
-            self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+            # An explicit weight skips nn.Embedding's normal_ init: normal_ on the meta device
+            # imports torch._dynamo, ~1 s added to every model build.
+            self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd, _weight=torch.empty(cfg.vocab_size, cfg.n_embd))
             self.blocks = nn.ModuleList(Block(self.cfg, i, self.lora, dim_ffn) for i in range(cfg.n_layer))
             self.ln_out = nn.LayerNorm(cfg.n_embd)
             self.head = Linear(cfg.n_embd, cfg.vocab_size)
@@ -525,18 +527,16 @@ class RWKV7(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Writes the weights as safetensors in the official layout (atomic), dims in metadata."""
-        import os
-
         from safetensors.torch import save_file
 
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
+        from vrwkv_core.fsutil import atomic_path
+
         tensors = {k: t.detach().contiguous().cpu() for k, t in self.state_dict().items()}
         meta = {"format": "vrwkv-rwkv7", "version": "x070", "n_layer": str(self.n_layer),
                 "n_embd": str(self.n_embd), "head_size": str(self.head_size),
                 "vocab_size": str(self.vocab_size), "dim_ffn": str(self.dim_ffn)}  # fmt: skip
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -14,7 +14,6 @@ branching (one prompt, several continuations) a matter of `s.clone()` or nothing
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -112,13 +111,13 @@ class RWKVState:
         """Writes the state as safetensors (atomically: temp file + rename)."""
         from safetensors.torch import save_file
 
+        from vrwkv_core.fsutil import atomic_path
+
         tensors = {
             f"{part}.{i}": t.detach().contiguous().cpu() for part in _PARTS for i, t in enumerate(getattr(self, part))
         }
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "vrwkv-rnn-state", "n_layer": str(self.n_layer)})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "vrwkv-rnn-state", "n_layer": str(self.n_layer)})
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "RWKVState":

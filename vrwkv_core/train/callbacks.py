@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 
 from vrwkv_core.errors import CheckpointError
+from vrwkv_core.fsutil import atomic_path, atomic_write_text
 from vrwkv_core.progress import NULL_PROGRESS, Progress
 from vrwkv_core.train import rng
 from vrwkv_core.train.checkpoints import CheckpointWriter
@@ -185,8 +185,6 @@ class StageMonitor(pl.Callback):
                 self.rows = [r for r in csv.DictReader(f) if r.get("step") and int(float(r["step"])) <= step]
 
     def write_metrics(self) -> None:
-        from vrwkv_core.data.fsutil import atomic_write_text
-
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
@@ -213,10 +211,9 @@ class StageMonitor(pl.Callback):
         ax.set_ylabel("loss")
         ax.set_title(f"{self.recipe.name} {self.stage_name}")
         ax.legend()
-        tmp = self.out_dir / ".loss.png.tmp.png"
-        fig.savefig(tmp, dpi=100)
+        with atomic_path(self.out_dir / "loss.png") as tmp:
+            fig.savefig(tmp, dpi=100)
         plt.close(fig)
-        os.replace(tmp, self.out_dir / "loss.png")
 
     def finish(self, trainer: pl.Trainer, module: Any, started: float) -> None:
         """After fit: last.ckpt, the model dir (config.yaml + model.safetensors), metrics, plot."""

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vrwkv_core.errors import CheckpointError, RecipeError
+from vrwkv_core.fsutil import atomic_write_text, fsync_dir, fsync_tree
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -49,26 +50,6 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Makes renames inside `folder` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -89,13 +70,7 @@ def read_manifest(out_dir: Path) -> list[dict[str, Any]] | None:
 
 def write_manifest(out_dir: Path, entries: list[dict[str, Any]]) -> None:
     """Atomically (temp + fsync + rename) writes checkpoints.json."""
-    tmp = out_dir / f".{MANIFEST}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format": 1, "checkpoints": entries}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_dir / MANIFEST)
-    _fsync_dir(out_dir)
+    atomic_write_text(out_dir / MANIFEST, json.dumps({"format": 1, "checkpoints": entries}, indent=1))
 
 
 class CheckpointWriter:
@@ -123,7 +98,7 @@ class CheckpointWriter:
 
     def _commit(self, tmp: Path, step: int, recipe: dict[str, Any]) -> None:
         last, prev = self.out_dir / LAST, self.out_dir / PREV
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         new = {"file": LAST, "step": int(step), "sha256": sha256_of(tmp), "time": time.time(), "recipe": recipe}
         old_last = next((e for e in self.entries if e["file"] == LAST), None)
         old_prev = next((e for e in self.entries if e["file"] == PREV), None)
@@ -143,7 +118,7 @@ class CheckpointWriter:
                 _remove(prev)  # not ours, or damaged: never resumed from
             _remove(last)
         os.replace(tmp, last)
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
 
 
 def find_resumable(out_dir: Path) -> tuple[Path, dict[str, Any] | None, list[str]]:
