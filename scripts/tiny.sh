@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # The main job on its embedded default: the tiny recipe on synthetic shapes, end to end on
-# CPU. Each step is a plain vrwkv command (the README's CLI tour explains them); steps are
-# added here as their capabilities land.
+# CPU (prepare, pretrain, finetune, eval, chat answer). Each step is a plain vrwkv command;
+# the README's CLI tour explains them. Re-running reuses data/shapes and starts training
+# afresh in out/tiny.
 set -euo pipefail
 vrwkv env --no-build
-vrwkv pretrain recipes/tiny.yaml --print-config
+[ -d data/shapes ] || vrwkv prepare-data synthetic-shapes --out data/shapes
+vrwkv pretrain recipes/tiny.yaml
+vrwkv finetune recipes/tiny.yaml
+vrwkv eval --model out/tiny/finetune --benchmark shapes --data-root data/shapes --out out/tiny/eval
+vrwkv chat --model out/tiny/finetune --image data/shapes/images/eval_00000.png \
+  --prompt "How many shapes are there?"
