@@ -321,3 +321,147 @@ def test_released_1b6_layout_loads_strictly_and_answers(reference_dir: Path, tmp
     del model, state
     gc.collect()
     path.unlink()  # 3.8 GB: do not leave it in pytest's kept temp folders
+
+
+# ---------------------------------------------------------------- chat, eval and the CLI with a tiny v6.0 model
+
+SHORT = "Answer the question using a single word or phrase."
+
+
+def _tiny_v6():
+    """VisualRWKV x060 with the tiny tower (16 tokens: 15 reversed rows + the last), middle placement."""
+    from vrwkv_core.config import ModelSection, ProjectorSection, RWKVSection, TinyTowerSection, VisionSection
+    from vrwkv_core.model.visual_rwkv import VisualRWKV
+
+    torch.manual_seed(3)
+    cfg = ModelSection(
+        rwkv=RWKVSection(version="x060", n_layer=2, n_embd=64, head_size=32),
+        vision=VisionSection(towers=["tiny"], image_size=32,
+                             tiny=TinyTowerSection(width=32, depth=1, heads=2, patch_size=8)),
+        projector=ProjectorSection(type="linear"), tokens_per_image=16, image_position="middle",
+    )  # fmt: skip
+    model = VisualRWKV(cfg).eval()
+    with torch.no_grad():
+        for p in model.rwkv.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+        for p in model.proj.parameters():
+            p.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_v6():
+    return _tiny_v6()
+
+
+@pytest.fixture(scope="module")
+def v6_dir(tmp_path_factory) -> Path:
+    """The tiny v6.0 model saved as a training stage writes it (config.yaml + model.safetensors)."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from vrwkv_core.config import load_recipe
+    from vrwkv_core.model.checkpoint import save_pretrained
+
+    out = tmp_path_factory.mktemp("v6model")
+    vlm = _tiny_v6()
+    save_pretrained(vlm, out, replace(load_recipe(REPO / "recipes" / "tiny.yaml"), model=vlm.config))
+    Image.new("RGB", (40, 30), "red").save(out / "red.png")
+    return out
+
+
+def _recording_prefill(monkeypatch) -> list:
+    """Records (ids, returned logits) of every prefill ChatSession runs."""
+    import vrwkv_core.infer.chat as chat_mod
+
+    calls, original = [], chat_mod.prefill
+
+    def wrapped(vlm, ids, *args, **kwargs):
+        logits, state = original(vlm, ids, *args, **kwargs)
+        calls.append((list(ids), logits.clone()))
+        return logits, state
+
+    monkeypatch.setattr(chat_mod, "prefill", wrapped)
+    return calls
+
+
+def test_chat_middle_prompt_equals_eval_v6_and_one_prefill(tiny_v6, tokenizer, monkeypatch) -> None:
+    """ChatSession with image_position middle feeds eval's v6 prompt ids (split after the
+    image for the cache), and its logits equal one prefill of the whole prompt (reversal included)."""
+    from PIL import Image
+
+    from vrwkv_core.eval.questions import encode_prompt
+    from vrwkv_core.infer.chat import ChatSession
+    from vrwkv_core.infer.sampling import GenerationConfig
+
+    calls = _recording_prefill(monkeypatch)
+    chat = ChatSession(tiny_v6, tokenizer, config=GenerationConfig(max_new_tokens=3, stop_tokens=()))
+    img = Image.new("RGB", (40, 30), "red")
+    chat.add_image(img)
+    q = f"What color is it?\n{SHORT}"
+    chat.ask(q).run()
+    want = encode_prompt(q, tokenizer, 16, style="v6")
+    assert [t for ids, _ in calls for t in ids] == want
+    assert calls[0][0] == tokenizer.encode("User: What color is it?\n") + [65535] * 16  # split after the image
+    with torch.no_grad():
+        full, _ = tiny_v6.prefill(torch.tensor([want]), tiny_v6.image_processor.batch([img]))
+    assert torch.allclose(calls[-1][1], full, atol=1e-4)
+
+
+def test_chat_middle_cache_keys_on_the_text_before_the_image(tiny_v6, tokenizer) -> None:
+    """Two questions on one image with middle placement never share a cached state;
+    questions with the same text before the image do (and answer as without a cache)."""
+    from PIL import Image
+
+    from vrwkv_core.infer.chat import ChatSession
+    from vrwkv_core.infer.sampling import GenerationConfig
+
+    vlm = tiny_v6
+    cfg = GenerationConfig(max_new_tokens=4, stop_tokens=())
+    img = Image.new("RGB", (40, 30), "red")
+    cached = ChatSession(vlm, tokenizer, config=cfg)
+    fresh = ChatSession(vlm, tokenizer, config=cfg, cache_size=0)
+
+    def ask(chat, q):
+        chat.reset(keep_images=False)
+        chat.add_image(img)
+        return chat.ask(q).run().token_ids
+
+    questions = ["What color is it?", "Is it a circle?", f"What color is it?\n{SHORT}"]
+    answers = [ask(cached, q) for q in questions]
+    assert (cached.cache_misses, cached.cache_hits) == (2, 1)  # the third shares the first's pre-image text
+    assert answers == [ask(fresh, q) for q in questions]
+    assert answers[0] != answers[1]
+
+
+def test_chat_cli_prompt_answers_with_a_tiny_v6_dir(v6_dir: Path, tokenizer, capsys) -> None:
+    """`vrwkv chat --prompt` on a saved x060 / middle model dir answers on CPU, as ChatSession does."""
+    import json
+
+    from vrwkv_cli.main import run
+    from vrwkv_core.infer import ChatSession, load_model
+
+    q = f"What color is the square?\n{SHORT}"
+    args = ["chat", "--model", str(v6_dir), "--image", str(v6_dir / "red.png"), "--device", "cpu",
+            "--max-new-tokens", "5", "--prompt", q, "--json"]  # fmt: skip
+    capsys.readouterr()
+    assert run(args) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    vlm = load_model(v6_dir, device="cpu")
+    assert (vlm.config.rwkv.version, vlm.config.image_position) == ("x060", "middle")
+    session = ChatSession(vlm, tokenizer)
+    session.add_image(v6_dir / "red.png")
+    expected = session.ask(q, max_new_tokens=5).run()
+    assert record["answer"] == expected.text and record["n_new_tokens"] == len(expected.token_ids) > 0
+
+
+def test_eval_prompt_style_defaults_to_the_models(v6_dir: Path, tiny_v6, tmp_path: Path) -> None:
+    """`vrwkv eval` without --prompt-style uses v6 for an x060 model (dir or loaded), else v7."""
+    from conftest import build_tiny_vlm
+    from vrwkv_core.eval.generate import default_prompt_style
+
+    assert default_prompt_style(v6_dir) == "v6" and default_prompt_style(str(v6_dir)) == "v6"
+    assert default_prompt_style(tiny_v6) == "v6"
+    assert default_prompt_style(tmp_path / "model.pth") is None  # a file: only its tensors tell
+    assert default_prompt_style(build_tiny_vlm()) == "v7"

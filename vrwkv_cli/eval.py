@@ -40,7 +40,9 @@ def generate(
     batch_size: Annotated[int, typer.Option(help="Questions decoded together (answers do not depend on it); lower it if you run out of memory.")] = 8,
     device: Annotated[str, typer.Option(help="cuda, cuda:1, cpu or auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="bf16, fp16, fp32 or auto (bf16 on CUDA, fp32 on CPU).")] = "auto",
-    prompt_style: Annotated[PromptStyle, typer.Option(help="Prompt template: v7 (image first) or v6 (v6.0's image in the middle).")] = PromptStyle.v7,
+    prompt_style: Annotated[Optional[PromptStyle], typer.Option(
+        help="Prompt template: v7 (image first) or v6 (v6.0's image in the middle); default: the model's "
+             "(v6 for an RWKV-6 / x060 model, else v7).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 128,
     download: Annotated[bool, typer.Option("--download", help="Fetch a registry model if it is not on disk.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object on the last line.")] = False,
@@ -61,8 +63,9 @@ def generate(
     from vrwkv_cli.common import RichProgress
     from vrwkv_core.eval.generate import parse_shard, run_eval
 
+    style = prompt_style.value if prompt_style is not None else None  # None: the model's own
     report = run_eval(model, benchmark, data_root, out, limit=limit, shard=parse_shard(shard), batch_size=batch_size,
-                      device=device, dtype=dtype, prompt_style=prompt_style.value, max_new_tokens=max_new_tokens,
+                      device=device, dtype=dtype, prompt_style=style, max_new_tokens=max_new_tokens,
                       download=download, progress=RichProgress())  # fmt: skip
     _print_report(report, json_output)
 

@@ -6,6 +6,8 @@ own (the research code does the same, so ids match its training data exactly):
 
 - `<image>` markers move to the front of their human turn, one per image, joined by
   `\\n`; each marker becomes `tokens_per_image` placeholder ids `IMAGE_TOKEN_ID`.
+  With `image_position="middle"` (VisualRWKV v6.0's finetune and eval) a human turn with
+  images becomes `{text without the short-answer line}\\n<image>\\n{text}` instead.
 - Runs of blank lines inside a turn collapse to one `\\n` (`\\n\\n` is the stop token 261).
 - Labels are -100 on human turns and on the 3 tokens of `Assistant:`; the answer and
   its closing `\\n\\n` are learned.
@@ -28,6 +30,8 @@ STOP_TOKEN_ID = 261  # "\n\n"
 PAD_TOKEN_ID = 0
 ROLE_PREFIX = {"human": "User", "gpt": "Assistant"}
 TURN_END = "\n\n"
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+IMAGE_POSITIONS = ("first", "middle")
 
 _BLANK_LINES = re.compile(r"\n(\s*\n)+")
 
@@ -65,18 +69,26 @@ def collapse_blank_lines(text: str) -> str:
     return _BLANK_LINES.sub("\n", text.strip())
 
 
-def normalize_turn_text(role: str, value: str) -> str:
-    """The turn's text as the template uses it: markers to the front, blank lines collapsed.
+def normalize_turn_text(role: str, value: str, image_position: str = "first") -> str:
+    """The turn's text as the template uses it: blank lines collapsed, markers to the front
+    (`first`) or between the text without the short-answer line and the text (`middle`).
 
-    Idempotent, so records written by `prepare-data` encode to the same ids.
+    Idempotent for `first`, so records written by `prepare-data` encode to the same ids;
+    `middle` gives the same text from a raw turn and from its `first` form.
     """
+    if image_position not in IMAGE_POSITIONS:
+        raise ValueError(f"image_position must be one of {IMAGE_POSITIONS}, got {image_position!r}")
     n_markers = value.count(IMAGE_MARKER)
     if n_markers == 0:
         return collapse_blank_lines(value)
     if role != "human":
         raise DataError(f"an {IMAGE_MARKER} marker in a {role} turn (only human turns may hold images)")
     text = collapse_blank_lines(value.replace(IMAGE_MARKER, ""))
-    return ("\n".join([IMAGE_MARKER] * n_markers) + "\n" + text).strip()
+    markers = "\n".join([IMAGE_MARKER] * n_markers)
+    if image_position == "middle":
+        before = collapse_blank_lines(text.replace(SHORT_ANSWER, ""))
+        return "\n".join(part for part in (before, markers, text) if part)
+    return (markers + "\n" + text).strip()
 
 
 def normalize_role(role: Any) -> str:
@@ -86,7 +98,9 @@ def normalize_role(role: Any) -> str:
     raise DataError(f"unknown speaker {role!r} (expected 'human' or 'gpt')")
 
 
-def normalize_conversations(conversations: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:
+def normalize_conversations(
+    conversations: Iterable[Mapping[str, Any]], image_position: str = "first"
+) -> list[dict[str, str]]:
     """LLaVA turns -> `[{"from": role, "value": normalised text}]`."""
     out = []
     for turn in conversations:
@@ -94,7 +108,7 @@ def normalize_conversations(conversations: Iterable[Mapping[str, Any]]) -> list[
         value = turn.get("value")
         if not isinstance(value, str):
             raise DataError(f"a {role} turn whose value is not a string")
-        out.append({"from": role, "value": normalize_turn_text(role, value)})
+        out.append({"from": role, "value": normalize_turn_text(role, value, image_position)})
     return out
 
 
@@ -111,10 +125,12 @@ def encode_turn_text(text: str, tokenizer: Tokenizer, tokens_per_image: int) -> 
     return ids, spans
 
 
-def encode_turn(role: str, value: str, tokenizer: Tokenizer, tokens_per_image: int) -> list[int]:
+def encode_turn(
+    role: str, value: str, tokenizer: Tokenizer, tokens_per_image: int, image_position: str = "first"
+) -> list[int]:
     """Ids of one turn (`User: ...\\n\\n` or `Assistant: ...\\n\\n`), normalised first."""
     role = normalize_role(role)
-    text = f"{ROLE_PREFIX[role]}: {normalize_turn_text(role, value)}{TURN_END}"
+    text = f"{ROLE_PREFIX[role]}: {normalize_turn_text(role, value, image_position)}{TURN_END}"
     return encode_turn_text(text, tokenizer, tokens_per_image)[0]
 
 
@@ -127,9 +143,10 @@ def encode_conversation_info(
     tokenizer: Tokenizer,
     tokens_per_image: int,
     ctx_len: int | None = None,
+    image_position: str = "first",
 ) -> EncodedConversation:
     """Encode a LLaVA conversation; see the module docstring for the rules."""
-    turns = normalize_conversations(conversations)
+    turns = normalize_conversations(conversations, image_position)
     n_mask_gpt = _assistant_prefix_len(tokenizer)
     ids: list[int] = []
     labels: list[int] = []
@@ -163,9 +180,10 @@ def encode_conversation(
     tokenizer: Tokenizer,
     tokens_per_image: int,
     ctx_len: int | None = None,
+    image_position: str = "first",
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of a conversation; `encode_conversation_info` also reports truncation."""
-    enc = encode_conversation_info(conversations, tokenizer, tokens_per_image, ctx_len)
+    enc = encode_conversation_info(conversations, tokenizer, tokens_per_image, ctx_len, image_position)
     return enc.input_ids, enc.labels
 
 
@@ -174,14 +192,16 @@ def encode_generation_prompt(
     tokenizer: Tokenizer,
     tokens_per_image: int,
     n_images: int = 1,
+    image_position: str = "first",
 ) -> list[int]:
     """Ids of `User: <image>...\\n{question}\\n\\nAssistant:` for generation.
 
     `<image>` markers already in `question_text` are removed; `n_images` markers are put
-    at the front of the turn (0 gives a text-only prompt). Ends with the ids of
-    `Assistant:` (no trailing space), so the model's next token starts the answer.
+    at the front of the turn (0 gives a text-only prompt), or in the middle (see
+    `normalize_turn_text`). Ends with the ids of `Assistant:` (no trailing space), so the
+    model's next token starts the answer.
     """
     text = question_text.replace(IMAGE_MARKER, "")
     value = "\n".join([IMAGE_MARKER] * n_images + [text])
-    ids = encode_turn("human", value, tokenizer, tokens_per_image)
+    ids = encode_turn("human", value, tokenizer, tokens_per_image, image_position)
     return ids + list(tokenizer.encode(ROLE_PREFIX["gpt"] + ":"))

@@ -2,8 +2,9 @@
 
 The dataset keeps one file offset per record (not the records), so a 665k-record file
 costs a few MB; each worker process reopens the file. A sample is tokenised with the
-v7.00 template (`conversation.py`) and its images go through the model's image
-processor, an opaque callable returning a tensor or a dict of tensors per tower.
+v7.00 template (`conversation.py`; images in the `middle` of the human turn for v6.0
+recipes) and its images go through the model's image processor, an opaque callable
+returning a tensor or a dict of tensors per tower.
 
 A bad image raises DataError naming the file; with `skip_bad_images=True` the sample
 becomes None and `collate` drops it and counts it in `batch["n_skipped"]` (never a zero
@@ -65,7 +66,9 @@ class VisionLanguageDataset(Dataset):
         tokens_per_image: int,
         ctx_len: int,
         skip_bad_images: bool = False,
+        image_position: str = "first",
     ) -> None:
+        """`image_position`: where a human turn's images go (`first`, or v6.0's `middle`)."""
         self.records_path = Path(records_path)
         if not self.records_path.is_file():
             raise DataError(f"{self.records_path}: no such file", hint="run `vrwkv prepare-data llava` first")
@@ -75,6 +78,7 @@ class VisionLanguageDataset(Dataset):
         self.tokens_per_image = tokens_per_image
         self.ctx_len = ctx_len
         self.skip_bad_images = skip_bad_images
+        self.image_position = image_position
         self.offsets = _index_lines(self.records_path)
         self.n_skipped = 0  # in this process only; collate's n_skipped covers DataLoader workers
         self._file = None
@@ -120,7 +124,8 @@ class VisionLanguageDataset(Dataset):
         if not conversations:
             raise DataError(f"{self.records_path}: record {index} has no conversations")
         try:
-            enc = encode_conversation_info(conversations, self.tokenizer, self.tokens_per_image, self.ctx_len)
+            enc = encode_conversation_info(conversations, self.tokenizer, self.tokens_per_image, self.ctx_len,
+                                           self.image_position)  # fmt: skip
         except DataError as e:
             raise DataError(f"{self.records_path}: record {index}: {e}") from None
         images = record_images(record)

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vrwkv_core.data.conversation import SHORT_ANSWER
 from vrwkv_core.errors import DataError, VrwkvError
 from vrwkv_core.eval import metrics
 from vrwkv_core.eval.answers import Answer, dedupe, read_answers
 from vrwkv_core.eval.normalize import normalize_answer
 from vrwkv_core.fsutil import atomic_write_text
 
-SHORT_ANSWER = "Answer the question using a single word or phrase."
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
 
 __all__ = [

@@ -202,6 +202,22 @@ def model_id_for(spec: Any) -> str:
     return p.stem if p.is_file() else str(spec)
 
 
+def default_prompt_style(model: Any) -> str | None:
+    """The prompt style a model was trained with: v6 for a VisualRWKV v6.0 (RWKV-6, x060)
+    model, else v7. `model`: a loaded model, or a spec (only our model dirs are read, from
+    config.yaml; None for anything else)."""
+    if isinstance(model, (str, Path)):
+        path = Path(model).expanduser()
+        if not (path.is_dir() and (path / "config.yaml").is_file()):
+            return None
+        from vrwkv_core.model.checkpoint import read_recipe
+
+        version = read_recipe(path).model.rwkv.version
+    else:
+        version = getattr(getattr(getattr(model, "config", None), "rwkv", None), "version", "x070")
+    return "v6" if version == "x060" else "v7"
+
+
 def _check_run_record(out: Path, record: dict[str, Any]) -> None:
     """Refuses to add answers of another setup to OUT; then (re)writes OUT/run.json."""
     path = out / RUN_FILE
@@ -230,16 +246,17 @@ def run_eval(
     batch_size: int = 8,
     device: str = "auto",
     dtype: str = "auto",
-    prompt_style: str = "v7",
+    prompt_style: str | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     download: bool = False,
     progress: Progress | None = None,
 ) -> EvalReport:
     """Answers the benchmark's questions not yet answered in `out`, then merges and scores
     (unless this is a shard and others are unfinished). `model`: a --model spec (dir,
-    .pth, registry name) or a loaded VisualRWKV."""
+    .pth, registry name) or a loaded VisualRWKV. `prompt_style` None: the model's own
+    (`default_prompt_style`)."""
     bench = get_benchmark(benchmark)
-    if prompt_style not in PROMPT_STYLES:
+    if prompt_style is not None and prompt_style not in PROMPT_STYLES:
         raise VrwkvError(f"unknown prompt style {prompt_style!r}", hint="use v7 or v6")
     if batch_size < 1:
         raise VrwkvError(f"--batch-size must be >= 1, got {batch_size}")
@@ -254,6 +271,14 @@ def run_eval(
     out.mkdir(parents=True, exist_ok=True)
     is_spec = isinstance(model, (str, Path))
     model_id = model_id_for(model) if is_spec else type(model).__name__
+    vlm = None if is_spec else model
+    if prompt_style is None:
+        prompt_style = default_prompt_style(model)
+        if prompt_style is None:  # a checkpoint file or a registry name: its tensors tell
+            from vrwkv_core.infer.loading import load_model
+
+            vlm = load_model(model, device=device, dtype=dtype, download=download)
+            prompt_style = default_prompt_style(vlm)
     _check_run_record(out, {"benchmark": bench.name, "data_root": str(paths.root.resolve()), "model": str(model),
                             "model_id": model_id, "prompt_style": prompt_style, "max_new_tokens": max_new_tokens})  # fmt: skip
     target = answers_path(out, shard)
@@ -275,7 +300,8 @@ def run_eval(
     if todo:
         from vrwkv_core.infer.loading import load_model
 
-        vlm = load_model(model, device=device, dtype=dtype, download=download) if is_spec else model
+        if vlm is None:
+            vlm = load_model(model, device=device, dtype=dtype, download=download)
         _generate(vlm, bench, todo, paths, target, model_id, prompt_style, max_new_tokens, batch_size, report,
                   progress, len(absent))  # fmt: skip
 
@@ -440,6 +466,7 @@ __all__ = [
     "EvalReport",
     "answer_files",
     "answers_path",
+    "default_prompt_style",
     "merge_and_score",
     "merge_answers",
     "model_id_for",

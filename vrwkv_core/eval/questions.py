@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vrwkv_core.data.conversation import IMAGE_MARKER, collapse_blank_lines, encode_generation_prompt, encode_turn_text
+from vrwkv_core.data.conversation import IMAGE_MARKER, collapse_blank_lines, encode_generation_prompt, normalize_turn_text
 from vrwkv_core.errors import DataError, VrwkvError
-from vrwkv_core.eval.benchmarks import OPTION_LETTER, SHORT_ANSWER, Benchmark, get_benchmark, read_json, read_jsonl
+from vrwkv_core.eval.benchmarks import OPTION_LETTER, Benchmark, get_benchmark, read_json, read_jsonl
 
 if TYPE_CHECKING:
     from vrwkv_core.tokenizer import RWKVTokenizer
@@ -189,23 +189,21 @@ def answer_prompt(q: Question, bench: Benchmark, style: str = "v7") -> str:
 def v6_turn_text(question: str, n_images: int = 1) -> str:
     """VisualRWKV v6.0's "middle" human turn: the question without the short-answer
     line, the image markers, then the whole question."""
-    q = collapse_blank_lines(question.replace(IMAGE_MARKER, ""))
-    if n_images == 0:
-        return f"User: {q}\n\n"
-    before = collapse_blank_lines(q.replace(SHORT_ANSWER, ""))
-    middle = "\n".join([IMAGE_MARKER] * n_images)
-    return f"User: {before}\n{middle}\n{q}\n\n" if before else f"User: {middle}\n{q}\n\n"
+    value = "\n".join([IMAGE_MARKER] * n_images + [question.replace(IMAGE_MARKER, "")])
+    return f"User: {normalize_turn_text('human', value, 'middle')}\n\n"
+
+
+def prompt_image_position(style: str) -> str:
+    """The image position of a prompt style (v7: first, v6: middle)."""
+    if style not in PROMPT_STYLES:
+        raise VrwkvError(f"unknown prompt style {style!r}", hint="use v7 or v6")
+    return "middle" if style == "v6" else "first"
 
 
 def encode_prompt(question: str, tokenizer: RWKVTokenizer, tokens_per_image: int, n_images: int = 1,
                   style: str = "v7") -> list[int]:  # fmt: skip
     """Prompt ids ending with `Assistant:` in the given style."""
-    if style == "v7":
-        return encode_generation_prompt(question, tokenizer, tokens_per_image, n_images)
-    if style != "v6":
-        raise VrwkvError(f"unknown prompt style {style!r}", hint="use v7 or v6")
-    ids, _ = encode_turn_text(v6_turn_text(question, n_images), tokenizer, tokens_per_image)
-    return ids + list(tokenizer.encode("Assistant:"))
+    return encode_generation_prompt(question, tokenizer, tokens_per_image, n_images, prompt_image_position(style))
 
 
 __all__ = [
@@ -217,6 +215,7 @@ __all__ = [
     "answer_prompt",
     "encode_prompt",
     "load_questions",
+    "prompt_image_position",
     "prompt_suffix",
     "question_text",
     "resolve_paths",

@@ -5,12 +5,16 @@ Notable:
   previous turn's state: the previous answer's unfed tokens and its closing `\\n\\n`
   (id 261), then `User: {question}\\n\\n` and `Assistant:` (the v7.00 template of
   `vrwkv_core.data.conversation`, so the ids equal one long encoded conversation).
-- Images go at the front of the next human turn (`add_image` queues them). The first
-  turn of a conversation splits at the last image placeholder: the state after
-  `User: <image rows>` depends only on the images, so it is cached by image content
-  (sha256 of the RGB bytes and the size). A second question about the same image (after
-  `reset()`, or in another session sharing nothing but this object) skips the towers and
-  the image prefill and only runs the question's few tokens.
+- Images go at the front of the next human turn (`add_image` queues them), or, when the
+  model's `image_position` is `middle` (VisualRWKV v6.0), between the question without
+  its short-answer line and the question (`User: {q'}\\n<image rows>\\n{q}\\n\\n`).
+- The first turn of a conversation splits after the last image placeholder: the state
+  there depends only on the images and the text before them, so it is cached under the
+  image content (sha256 of the RGB bytes and the size) and the ids before the split. A
+  second question about the same image (after `reset()`, or in another session sharing
+  nothing but this object) skips the towers and the image prefill and only runs the
+  question's few tokens; with `middle` placement only when the text before the image
+  is the same too.
 - When a stop string ends an answer, the state has seen the stop string's tokens.
 - `save_state(path)` writes the RNN state as safetensors at `path` and the conversation
   (turns, pending ids, model dims) as JSON beside it (`path` with suffix `.json`);
@@ -182,7 +186,8 @@ class ChatSession:
         images = self._queued
         n_slots = [len(self.vlm.image_processor.views(im.image)) for im in images]
         P = self.vlm.tokens_per_image
-        ids = encode_generation_prompt(question, self.tok, P, n_images=sum(n_slots))
+        position = getattr(self.vlm.config, "image_position", "first")
+        ids = encode_generation_prompt(question, self.tok, P, n_images=sum(n_slots), image_position=position)
         if self.state is None and images:
             logits, state = self._prefill_first_turn(ids, images)
         else:
@@ -230,9 +235,9 @@ class ChatSession:
         self._active = None
 
     def _prefill_first_turn(self, ids: list[int], images: list[_Image]) -> tuple[torch.Tensor, RWKVState]:
-        """Runs `User: <images>` from the cache (or the towers) then the rest of the prompt."""
+        """Runs the prompt up to its last image from the cache (or the towers), then the rest."""
         split = max(i for i, t in enumerate(ids) if t == IMAGE_TOKEN_ID) + 1
-        key = tuple(im.key for im in images)
+        key = (*(im.key for im in images), _ids_key(ids[:split]))
         state = self._cache.get(key)
         if state is not None:
             self.cache_hits += 1
@@ -317,6 +322,11 @@ class ChatSession:
         lm = self.vlm.rwkv
         return {"n_layer": lm.n_layer, "n_embd": lm.n_embd, "head_size": lm.head_size,
                 "vocab_size": lm.vocab_size, "tokens_per_image": self.vlm.tokens_per_image}  # fmt: skip
+
+
+def _ids_key(ids: list[int]) -> str:
+    """sha256 of a token id list (the text around the images in a cache key)."""
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
 
 
 def _meta_path(path: Path) -> Path:
