@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The main job on its embedded default: the tiny recipe on synthetic shapes, end to end on
 # CPU (prepare, pretrain, finetune, eval, chat answer). Each step is a plain vrwkv command;
-# the README's CLI tour explains them. Re-running reuses data/shapes and starts training
-# afresh in out/tiny.
+# the README's CLI tour explains them. Re-running reuses data/shapes, retrains into
+# out/tiny and re-answers the benchmark (answers of the previous model are dropped).
 set -euo pipefail
 vrwkv env --no-build
 [ -d data/shapes ] || vrwkv prepare-data synthetic-shapes --out data/shapes
 vrwkv pretrain recipes/tiny.yaml
 vrwkv finetune recipes/tiny.yaml
+rm -rf out/tiny/eval
 vrwkv eval --model out/tiny/finetune --benchmark shapes --data-root data/shapes --out out/tiny/eval
 vrwkv chat --model out/tiny/finetune --image data/shapes/images/eval_00000.png \
   --prompt "How many shapes are there?"
