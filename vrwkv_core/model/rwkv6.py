@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from vrwkv_core.config import RWKVSection
 from vrwkv_core.errors import CheckpointError
-from vrwkv_core.model.rwkv7 import Linear, _last, _layer_norm, _linear, _shifted, read_weights
+from vrwkv_core.model.lm_weights import assign_weights, read_weights, save_lm
+from vrwkv_core.model.rwkv7 import Linear, _last, _layer_norm, _linear, _shifted
 from vrwkv_core.model.state import RWKVState
 
 GROUPNORM_EPS = 64e-5  # RWKV-LM: 1e-5 * head_size_divisor**2 with divisor 8
@@ -430,19 +431,7 @@ class RWKV6(nn.Module):
         dtype and device are used as they are (no copy).
         """
         cfg, lora = config_from_state_dict(sd, source)
-        model = cls(cfg, lora, init=False)
-        check_names(sd, {name: tuple(t.shape) for name, t in model.state_dict().items()}, source)
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        tensors = {}
-        for name, t in sd.items():
-            if not t.is_floating_point():
-                raise CheckpointError(f"{source}: {name} has dtype {t.dtype}, expected a float tensor")
-            tensors[name] = t.to(device=device, dtype=dtype)
-        model.load_state_dict(tensors, strict=True, assign=True)
-        model.cfg = replace(model.cfg, checkpoint=source if source != "<state dict>" else None)
-        return model.eval()
+        return assign_weights(cls(cfg, lora, init=False), sd, source, "RWKV-6", device, dtype)  # type: ignore[return-value]
 
     @classmethod
     def from_checkpoint(
@@ -453,18 +442,7 @@ class RWKV6(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Writes the weights as safetensors in the official layout (atomic), dims in metadata."""
-        import os
-
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tensors = {k: t.detach().contiguous().cpu() for k, t in self.state_dict().items()}
-        meta = {"format": "vrwkv-rwkv6", "version": "x060", "n_layer": str(self.n_layer),
-                "n_embd": str(self.n_embd), "head_size": str(self.head_size),
-                "vocab_size": str(self.vocab_size), "dim_ffn": str(self.dim_ffn)}  # fmt: skip
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        save_lm(self, path, "x060")
 
 
 def is_rwkv6_state_dict(sd: Mapping[str, object]) -> bool:
@@ -516,23 +494,6 @@ def lm_class(version: str) -> type[nn.Module]:
     from vrwkv_core.model.rwkv7 import RWKV7
 
     return RWKV7
-
-
-def check_names(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], source: str) -> None:
-    """Strict loading: every tensor used, every parameter filled, every shape right."""
-    missing = [n for n in expected if n not in sd]
-    unexpected = [n for n in sd if n not in expected]
-    wrong = [f"{n} {tuple(sd[n].shape)} != {shape}" for n, shape in expected.items()
-             if n in sd and tuple(sd[n].shape) != shape]  # fmt: skip
-
-    def few(names: list[str]) -> str:
-        return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
-
-    problems = [f"{len(names)} {label}: {few(names)}"
-                for label, names in (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong))
-                if names]  # fmt: skip
-    if problems:
-        raise CheckpointError(f"{source}: does not match an RWKV-6 model; " + "; ".join(problems))
 
 
 __all__ = ["RWKV6", "LoraDims6", "RWKVState", "config_from_state_dict", "lm_config_from_state_dict", "lm_class",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from vrwkv_core.config import RWKVSection
 from vrwkv_core.errors import CheckpointError
+from vrwkv_core.model.lm_weights import assign_weights, read_weights, save_lm
 from vrwkv_core.model.state import RWKVState
 
 GROUPNORM_EPS = 64e-5  # RWKV-LM: 1e-5 * head_size_divisor**2 with divisor 8
@@ -503,20 +504,7 @@ class RWKV7(nn.Module):
         dtype and device are used as they are (no copy, so an mmap'd file stays mapped).
         """
         cfg, lora = config_from_state_dict(sd, source)
-        model = cls(cfg, lora, init=False)
-        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-        _check_names(sd, expected, source)
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        tensors = {}
-        for name, t in sd.items():
-            if not t.is_floating_point():
-                raise CheckpointError(f"{source}: {name} has dtype {t.dtype}, expected a float tensor")
-            tensors[name] = t.to(device=device, dtype=dtype)
-        model.load_state_dict(tensors, strict=True, assign=True)
-        model.cfg = replace(model.cfg, checkpoint=source if source != "<state dict>" else None)
-        return model.eval()
+        return assign_weights(cls(cfg, lora, init=False), sd, source, "RWKV-7", device, dtype)  # type: ignore[return-value]
 
     @classmethod
     def from_checkpoint(
@@ -527,44 +515,7 @@ class RWKV7(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Writes the weights as safetensors in the official layout (atomic), dims in metadata."""
-        from safetensors.torch import save_file
-
-        from vrwkv_core.fsutil import atomic_path
-
-        tensors = {k: t.detach().contiguous().cpu() for k, t in self.state_dict().items()}
-        meta = {"format": "vrwkv-rwkv7", "version": "x070", "n_layer": str(self.n_layer),
-                "n_embd": str(self.n_embd), "head_size": str(self.head_size),
-                "vocab_size": str(self.vocab_size), "dim_ffn": str(self.dim_ffn)}  # fmt: skip
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-
-
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a `.pth` (torch.load, weights_only, mmap when the format allows) or a
-    `.safetensors` file, on CPU; CheckpointError if the file is missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd: Any = load_file(str(path), device="cpu")
-        else:
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as err:
-                if "mmap" not in str(err):  # legacy (non-zip) .pth files cannot be mapped
-                    raise
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
-    except Exception as err:  # unpickling, zip and safetensors errors alike
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot read weights ({first})") from None
-    if not isinstance(sd, Mapping) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
-        raise CheckpointError(f"{path}: not a state dict of tensors")
-    return dict(sd)
+        save_lm(self, path, "x070")
 
 
 def config_from_state_dict(
@@ -604,28 +555,6 @@ def config_from_state_dict(
     cfg = RWKVSection(version="x070", n_layer=n_layer, n_embd=C, head_size=N, vocab_size=vocab,
                       dim_ffn=sd["blocks.0.ffn.key.weight"].shape[0])  # fmt: skip
     return cfg, lora
-
-
-def _check_names(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], source: str) -> None:
-    """Strict loading: every tensor used, every parameter filled, every shape right."""
-    missing = [n for n in expected if n not in sd]
-    unexpected = [n for n in sd if n not in expected]
-    wrong = [f"{n} {tuple(sd[n].shape)} != {shape}" for n, shape in expected.items()
-             if n in sd and tuple(sd[n].shape) != shape]  # fmt: skip
-
-    def few(names: list[str]) -> str:
-        more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
-        return ", ".join(names[:3]) + more
-
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {few(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {few(unexpected)}")
-    if wrong:
-        problems.append(f"{len(wrong)} with the wrong shape: {few(wrong)}")
-    if problems:
-        raise CheckpointError(f"{source}: does not match an RWKV-7 model; " + "; ".join(problems))
 
 
 __all__ = ["RWKV7", "LoraDims", "RWKVState", "config_from_state_dict", "read_weights"]

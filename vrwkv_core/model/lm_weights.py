@@ -1,0 +1,98 @@
+"""Weights of the RWKV language models (RWKV-7 and RWKV-6): reading, strict checks, loading, saving.
+
+Both LMs keep the official RWKV-LM names, so one reader, one strict name check and one
+"assign the tensors to a meta-device model" path serve both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from vrwkv_core.errors import CheckpointError
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `.pth` (torch.load, weights_only, mmap when the format allows) or a
+    `.safetensors` file, on CPU; CheckpointError if the file is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path), device="cpu")
+        else:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):  # legacy (non-zip) .pth files cannot be mapped
+                    raise
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as err:  # unpickling, zip and safetensors errors alike
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot read weights ({first})") from None
+    if not isinstance(sd, Mapping) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return dict(sd)
+
+
+def check_names(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], source: str, what: str) -> None:
+    """Strict loading: every tensor used, every parameter filled, every shape right."""
+    missing = [n for n in expected if n not in sd]
+    unexpected = [n for n in sd if n not in expected]
+    wrong = [f"{n} {tuple(sd[n].shape)} != {shape}" for n, shape in expected.items()
+             if n in sd and tuple(sd[n].shape) != shape]  # fmt: skip
+
+    def few(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+
+    problems = [f"{len(names)} {label}: {few(names)}"
+                for label, names in (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong))
+                if names]  # fmt: skip
+    if problems:
+        raise CheckpointError(f"{source}: does not match an {what} model; " + "; ".join(problems))
+
+
+def assign_weights(
+    model: nn.Module, sd: Mapping[str, torch.Tensor], source: str, what: str,
+    device: torch.device | str | None, dtype: torch.dtype | None,
+) -> nn.Module:
+    """Fills a meta-device LM with `sd` strictly; dtype None: bf16 on CUDA, fp32 elsewhere.
+
+    Tensors already in the target dtype and device are used as they are (no copy, so an
+    mmap'd file stays mapped).
+    """
+    check_names(sd, {name: tuple(t.shape) for name, t in model.state_dict().items()}, source, what)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tensors = {}
+    for name, t in sd.items():
+        if not t.is_floating_point():
+            raise CheckpointError(f"{source}: {name} has dtype {t.dtype}, expected a float tensor")
+        tensors[name] = t.to(device=device, dtype=dtype)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.cfg = replace(model.cfg, checkpoint=source if source != "<state dict>" else None)
+    return model.eval()
+
+
+def save_lm(model: nn.Module, path: str | Path, version: str) -> None:
+    """Writes an LM as safetensors in the official layout (atomic), dims in metadata."""
+    from safetensors.torch import save_file
+
+    from vrwkv_core.fsutil import atomic_path
+
+    tensors = {k: t.detach().contiguous().cpu() for k, t in model.state_dict().items()}
+    meta = {"format": f"vrwkv-rwkv{version[2]}", "version": version, "n_layer": str(model.n_layer),
+            "n_embd": str(model.n_embd), "head_size": str(model.head_size),
+            "vocab_size": str(model.vocab_size), "dim_ffn": str(model.dim_ffn)}  # fmt: skip
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
