@@ -25,12 +25,50 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from vrwkv_core.config import RWKVSection
 from vrwkv_core.progress import Progress
+
+
+def random_lm_weights(
+    shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype, rules: Callable[..., torch.Tensor | None]
+) -> dict[str, torch.Tensor]:
+    """Random official-layout LM weights with roughly trained-model scales.
+
+    Biases, norms (ln_x centred at 0.6), the embedding, the head and unit-gain matrices are
+    common to RWKV-6 and RWKV-7; `rules(name, leaf, shape, randn, uniform)` gives the
+    version's own tensors (token-shift mixes, decays, LoRAs) or None.
+    """
+    g = torch.Generator().manual_seed(seed)
+    C = shapes["emb.weight"][1]
+
+    def randn(*shape: int, std: float = 1.0, mean: float = 0.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std + mean
+
+    def uniform(*shape: int, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+        return torch.rand(*shape, generator=g) * (hi - lo) + lo
+
+    sd = {}
+    for name, shape in shapes.items():
+        parts = name.split(".")
+        leaf, owner = parts[-1], parts[-2] if len(parts) > 1 else ""
+        if leaf == "bias":
+            t = randn(*shape, std=0.05)
+        elif owner.startswith("ln"):  # ln0/ln1/ln2/ln_out and the GroupNorm ln_x
+            t = randn(*shape, std=0.1, mean=0.6 if owner == "ln_x" else 1.0)
+        elif (special := rules(name, leaf, shape, randn, uniform)) is not None:
+            t = special
+        elif name == "emb.weight":
+            t = randn(*shape, std=0.1)
+        elif name == "head.weight":
+            t = randn(*shape, std=2.0 / math.sqrt(C))
+        else:  # receptance/key/value/gate/output and the FFN matrices: unit gain
+            t = randn(*shape, std=1.0 / math.sqrt(shape[1]))
+        sd[name] = t.to(dtype)
+    return sd
 
 
 def random_rwkv7_weights(
@@ -40,44 +78,23 @@ def random_rwkv7_weights(
     (unit-gain matrices, spread decays, non-trivial gates), so logits are not degenerate."""
     from vrwkv_core.model.rwkv7 import RWKV7
 
-    g = torch.Generator().manual_seed(seed)
-    C = cfg.n_embd
-
-    def randn(*shape: int, std: float = 1.0, mean: float = 0.0) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * std + mean
-
-    def uniform(*shape: int, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
-        return torch.rand(*shape, generator=g) * (hi - lo) + lo
+    def rules(name: str, leaf: str, shape: tuple, randn: Callable, uniform: Callable) -> torch.Tensor | None:
+        if leaf in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
+            return uniform(*shape)
+        if leaf == "w0":
+            return uniform(*shape, lo=-5.0, hi=2.0)
+        if leaf in ("a0", "v0"):
+            return randn(*shape, std=0.5)
+        if leaf in ("k_k", "k_a"):
+            return randn(*shape, std=0.2, mean=1.0)
+        if leaf == "r_k":
+            return randn(*shape, std=0.3)
+        if leaf in ("w1", "a1", "v1", "g1", "w2", "a2", "v2", "g2"):
+            return randn(*shape, std=0.1)
+        return None
 
     shapes = {k: tuple(t.shape) for k, t in RWKV7(cfg, init=False).state_dict().items()}
-    sd = {}
-    for name, shape in shapes.items():
-        parts = name.split(".")
-        leaf, owner = parts[-1], parts[-2] if len(parts) > 1 else ""
-        if leaf == "bias":
-            t = randn(*shape, std=0.05)
-        elif owner.startswith("ln"):  # ln0/ln1/ln2/ln_out and the GroupNorm ln_x
-            t = randn(*shape, std=0.1, mean=0.6 if owner == "ln_x" else 1.0)
-        elif leaf in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
-            t = uniform(*shape)
-        elif leaf == "w0":
-            t = uniform(*shape, lo=-5.0, hi=2.0)
-        elif leaf in ("a0", "v0"):
-            t = randn(*shape, std=0.5)
-        elif leaf in ("k_k", "k_a"):
-            t = randn(*shape, std=0.2, mean=1.0)
-        elif leaf == "r_k":
-            t = randn(*shape, std=0.3)
-        elif leaf in ("w1", "a1", "v1", "g1", "w2", "a2", "v2", "g2"):
-            t = randn(*shape, std=0.1)
-        elif name == "emb.weight":
-            t = randn(*shape, std=0.1)
-        elif name == "head.weight":
-            t = randn(*shape, std=2.0 / math.sqrt(C))
-        else:  # receptance/key/value/output and the FFN matrices: unit gain
-            t = randn(*shape, std=1.0 / math.sqrt(shape[1]))
-        sd[name] = t.to(dtype)
-    return sd
+    return random_lm_weights(shapes, seed, dtype, rules)
 
 
 def _weight_bytes_per_token(model: Any) -> int:

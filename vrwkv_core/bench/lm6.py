@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -43,43 +43,26 @@ def random_rwkv6_weights(cfg: RWKVSection, seed: int = 0, dtype: torch.dtype = t
     unit-gain matrices, token-shift mixes in [0, 1], decay exponents spread over [-6, 2.5]
     (so some channels forget almost at once, as trained ones do), a few exponents at 5
     (decay exactly 0 in float32), non-trivial LoRAs and bonus."""
+    from vrwkv_core.bench.lm import random_lm_weights
     from vrwkv_core.model.rwkv6 import RWKV6
 
-    g = torch.Generator().manual_seed(seed)
     C = cfg.n_embd
 
-    def randn(*shape: int, std: float = 1.0, mean: float = 0.0) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * std + mean
-
-    def uniform(*shape: int, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
-        return torch.rand(*shape, generator=g) * (hi - lo) + lo
-
-    shapes = {k: tuple(t.shape) for k, t in RWKV6(cfg, init=False).state_dict().items()}
-    sd = {}
-    for name, shape in shapes.items():
-        parts = name.split(".")
-        leaf, owner = parts[-1], parts[-2] if len(parts) > 1 else ""
-        if leaf == "bias":
-            t = randn(*shape, std=0.05)
-        elif owner.startswith("ln"):  # ln0/ln1/ln2/ln_out and the GroupNorm ln_x
-            t = randn(*shape, std=0.1, mean=0.6 if owner == "ln_x" else 1.0)
-        elif leaf in ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r", "time_maa_g"):
-            t = uniform(*shape)
-        elif leaf == "time_decay":
+    def rules(name: str, leaf: str, shape: tuple, randn: Callable, uniform: Callable) -> torch.Tensor | None:
+        if leaf in ("time_maa_x", "time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r", "time_maa_g"):
+            return uniform(*shape)
+        if leaf == "time_decay":
             t = uniform(*shape, lo=-6.0, hi=2.5)
             t.view(-1)[:: max(C // 8, 1)] = 5.0
-        elif leaf == "time_faaaa":
-            t = randn(*shape, std=0.3, mean=0.3)
-        elif leaf in ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2"):
-            t = randn(*shape, std=0.1)
-        elif name == "emb.weight":
-            t = randn(*shape, std=0.1)
-        elif name == "head.weight":
-            t = randn(*shape, std=2.0 / math.sqrt(C))
-        else:  # receptance/key/value/gate/output and the FFN matrices: unit gain
-            t = randn(*shape, std=1.0 / math.sqrt(shape[1]))
-        sd[name] = t.to(dtype)
-    return sd
+            return t
+        if leaf == "time_faaaa":
+            return randn(*shape, std=0.3, mean=0.3)
+        if leaf in ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2"):
+            return randn(*shape, std=0.1)
+        return None
+
+    shapes = {k: tuple(t.shape) for k, t in RWKV6(cfg, init=False).state_dict().items()}
+    return random_lm_weights(shapes, seed, dtype, rules)
 
 
 _PKG_SCRIPT = r"""
