@@ -1,7 +1,8 @@
-"""Weights of the RWKV language models (RWKV-7 and RWKV-6): reading, strict checks, loading, saving.
+"""What the RWKV language models (RWKV-7 and RWKV-6) share: weights I/O and a base class.
 
-Both LMs keep the official RWKV-LM names, so one reader, one strict name check and one
-"assign the tensors to a meta-device model" path serve both.
+Both LMs keep the official RWKV-LM names, so one reader, one strict name check, one
+"assign the tensors to a meta-device model" path and one `RWKVLanguageModel` base (loading,
+saving, zero state, CPU inference layout) serve both.
 """
 
 from __future__ import annotations
@@ -96,3 +97,60 @@ def save_lm(model: nn.Module, path: str | Path, version: str) -> None:
             "vocab_size": str(model.vocab_size), "dim_ffn": str(model.dim_ffn)}  # fmt: skip
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+
+
+class RWKVLanguageModel(nn.Module):
+    """Base of RWKV7 and RWKV6: subclasses set `version`, `label` and `config_from_state_dict`."""
+
+    version = ""
+    label = ""
+
+    @staticmethod
+    def config_from_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<state dict>") -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        sd: Mapping[str, torch.Tensor],
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        source: str = "<state dict>",
+    ) -> Any:
+        """A model holding exactly the tensors of an official-layout state dict (strict).
+
+        dtype None: bfloat16 on CUDA, float32 elsewhere. Tensors already in the target
+        dtype and device are used as they are (no copy, so an mmap'd file stays mapped).
+        """
+        cfg, lora = cls.config_from_state_dict(sd, source)
+        return assign_weights(cls(cfg, lora, init=False), sd, source, cls.label, device, dtype)  # type: ignore[call-arg]
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Any:
+        """Loads an official RWKV World `.pth` (any float dtype) or a `.safetensors` from `save`."""
+        return cls.from_state_dict(read_weights(path), device=device, dtype=dtype, source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        """Writes the weights as safetensors in the official layout (atomic), dims in metadata."""
+        save_lm(self, path, self.version)
+
+    def zero_state(self, batch: int = 1) -> Any:
+        """An all-zero state on the model's device (same as passing state=None)."""
+        from vrwkv_core.model.state import RWKVState
+
+        return RWKVState.zeros(self, batch)
+
+    def optimize_for_inference(self) -> Any:
+        """Lays the matrices out for fast CPU decoding (returns self).
+
+        fp32: the big matrices become column-major (same values and shapes, transposed
+        storage), which makes single-token gemv ~1.3x faster and prefill matmuls ~10%
+        slower. bf16: each big matrix gets a oneDNN-packed copy (one more bf16 copy of
+        the weights in memory) that no-grad forwards use. Training afterwards still works.
+        """
+        for m in self.modules():
+            if m is not self and callable(getattr(m, "optimize_for_inference", None)):
+                m.optimize_for_inference()
+        return self

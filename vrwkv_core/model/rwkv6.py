@@ -28,7 +28,6 @@ it keeps exp from reaching inf, whose backward would be 0 * inf = NaN.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 
 from vrwkv_core.config import RWKVSection
 from vrwkv_core.errors import CheckpointError
-from vrwkv_core.model.lm_weights import assign_weights, read_weights, save_lm
+from vrwkv_core.model.lm_weights import RWKVLanguageModel
 from vrwkv_core.model.rwkv7 import Linear, _last, _layer_norm, _linear, _shifted
 from vrwkv_core.model.state import RWKVState
 
@@ -268,8 +267,11 @@ def reversal_order(
     return order.to(device) if order is not None else None
 
 
-class RWKV6(nn.Module):
+class RWKV6(RWKVLanguageModel):
     """RWKV-6 language model; `state_dict()` is the official RWKV-6 layout."""
+
+    version = "x060"
+    label = "RWKV-6"
 
     def __init__(self, cfg: RWKVSection, lora: LoraDims6 | None = None, *, init: bool = True) -> None:
         """A freshly initialised model (RWKV-LM's x060 init, see `reset_parameters`).
@@ -406,43 +408,6 @@ class RWKV6(nn.Module):
             return x, new_state
         return self.head(x), new_state
 
-    def optimize_for_inference(self) -> "RWKV6":
-        """Lays the big matrices out for fast CPU decoding (see `RWKV7.optimize_for_inference`)."""
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.optimize_for_inference()
-        return self
-
-    def zero_state(self, batch: int = 1) -> RWKVState:
-        """An all-zero state on the model's device (same as passing state=None)."""
-        return RWKVState.zeros(self, batch)
-
-    @classmethod
-    def from_state_dict(
-        cls,
-        sd: Mapping[str, torch.Tensor],
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        source: str = "<state dict>",
-    ) -> "RWKV6":
-        """A model holding exactly the tensors of an official-layout x060 state dict (strict).
-
-        dtype None: bfloat16 on CUDA, float32 elsewhere. Tensors already in the target
-        dtype and device are used as they are (no copy).
-        """
-        cfg, lora = config_from_state_dict(sd, source)
-        return assign_weights(cls(cfg, lora, init=False), sd, source, "RWKV-6", device, dtype)  # type: ignore[return-value]
-
-    @classmethod
-    def from_checkpoint(
-        cls, path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> "RWKV6":
-        """Loads an official RWKV-6 World `.pth` (any float dtype) or a `.safetensors` from `save`."""
-        return cls.from_state_dict(read_weights(path), device=device, dtype=dtype, source=str(path))
-
-    def save(self, path: str | Path) -> None:
-        """Writes the weights as safetensors in the official layout (atomic), dims in metadata."""
-        save_lm(self, path, "x060")
 
 
 def is_rwkv6_state_dict(sd: Mapping[str, object]) -> bool:
@@ -495,6 +460,8 @@ def lm_class(version: str) -> type[nn.Module]:
 
     return RWKV7
 
+
+RWKV6.config_from_state_dict = staticmethod(config_from_state_dict)  # the loader hook of the base
 
 __all__ = ["RWKV6", "LoraDims6", "RWKVState", "config_from_state_dict", "lm_config_from_state_dict", "lm_class",
            "is_rwkv6_state_dict", "reversal_order", "default_dim_ffn"]  # fmt: skip

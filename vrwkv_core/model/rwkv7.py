@@ -22,7 +22,6 @@ float32, which stays accurate for large |z|; the kernel gets a = -kk, b = kk * a
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 
 from vrwkv_core.config import RWKVSection
 from vrwkv_core.errors import CheckpointError
-from vrwkv_core.model.lm_weights import assign_weights, read_weights, save_lm
+from vrwkv_core.model.lm_weights import RWKVLanguageModel, read_weights
 from vrwkv_core.model.state import RWKVState
 
 GROUPNORM_EPS = 64e-5  # RWKV-LM: 1e-5 * head_size_divisor**2 with divisor 8
@@ -333,8 +332,11 @@ def _last(h: torch.Tensor) -> torch.Tensor:
     return h[:, -1] if h.shape[1] == 1 else h[:, -1].clone()
 
 
-class RWKV7(nn.Module):
+class RWKV7(RWKVLanguageModel):
     """RWKV-7 language model; `state_dict()` is the official RWKV-7 layout."""
+
+    version = "x070"
+    label = "RWKV-7"
 
     def __init__(self, cfg: RWKVSection, lora: LoraDims | None = None, *, init: bool = True) -> None:
         """A freshly initialised model (RWKV-LM's RWKV-7 init, see `reset_parameters`).
@@ -473,49 +475,6 @@ class RWKV7(nn.Module):
             return x, new_state
         return self.head(x), new_state
 
-    def optimize_for_inference(self) -> "RWKV7":
-        """Lays the matrices out for fast CPU decoding (returns self).
-
-        fp32: the big matrices become column-major (same values and shapes, transposed
-        storage), which makes single-token gemv ~1.3x faster and prefill matmuls ~10%
-        slower. bf16: each big matrix gets a oneDNN-packed copy (one more bf16 copy of
-        the weights in memory) that no-grad forwards use. Training afterwards still works.
-        """
-        for m in self.modules():
-            if isinstance(m, (Linear, TimeMix)):
-                m.optimize_for_inference()
-        return self
-
-    def zero_state(self, batch: int = 1) -> RWKVState:
-        """An all-zero state on the model's device (same as passing state=None)."""
-        return RWKVState.zeros(self, batch)
-
-    @classmethod
-    def from_state_dict(
-        cls,
-        sd: Mapping[str, torch.Tensor],
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        source: str = "<state dict>",
-    ) -> "RWKV7":
-        """A model holding exactly the tensors of an official-layout state dict (strict).
-
-        dtype None: bfloat16 on CUDA, float32 elsewhere. Tensors already in the target
-        dtype and device are used as they are (no copy, so an mmap'd file stays mapped).
-        """
-        cfg, lora = config_from_state_dict(sd, source)
-        return assign_weights(cls(cfg, lora, init=False), sd, source, "RWKV-7", device, dtype)  # type: ignore[return-value]
-
-    @classmethod
-    def from_checkpoint(
-        cls, path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> "RWKV7":
-        """Loads an official RWKV-7 `.pth` (any float dtype) or a `.safetensors` written by `save`."""
-        return cls.from_state_dict(read_weights(path), device=device, dtype=dtype, source=str(path))
-
-    def save(self, path: str | Path) -> None:
-        """Writes the weights as safetensors in the official layout (atomic), dims in metadata."""
-        save_lm(self, path, "x070")
 
 
 def config_from_state_dict(
@@ -556,5 +515,7 @@ def config_from_state_dict(
                       dim_ffn=sd["blocks.0.ffn.key.weight"].shape[0])  # fmt: skip
     return cfg, lora
 
+
+RWKV7.config_from_state_dict = staticmethod(config_from_state_dict)  # the loader hook of the base
 
 __all__ = ["RWKV7", "LoraDims", "RWKVState", "config_from_state_dict", "read_weights"]
