@@ -215,6 +215,33 @@ def test_recipe_loads() -> None:
     assert (r.pretrain.lr_init, r.pretrain.lr_final, r.finetune.lr_init, r.finetune.lr_final) == (1e-3, 1e-5, 3e-5, 1.5e-5)
     assert r.finetune.frozen == ["rwkv.emb"] and r.pretrain.trainable == ["projector"]
     assert (r.data.ctx_len, r.hardware.precision, r.hardware.strategy) == (2048, "bf16", "deepspeed_stage_1")
+    # stage 1 trained with the image first, stage 2 (and chat/eval) with the model's middle
+    assert (r.pretrain.image_position, r.finetune.image_position) == ("first", None)
+
+
+def test_stage_image_position_decides_the_training_samples(tmp_path: Path) -> None:
+    """Each stage's dataset uses stage.image_position, falling back to model.image_position."""
+    from vrwkv_core.config import load_recipe
+    from vrwkv_core.data.conversation import normalize_turn_text
+    from vrwkv_core.errors import RecipeError
+    from vrwkv_core.train.data import StageData
+
+    records = tmp_path / "data.jsonl"
+    records.write_text('{"id": "0", "conversations": []}\n')
+    paths = {"records": records, "images": tmp_path}
+    recipe = load_recipe(REPO / "recipes" / "v6-1b6.yaml", ["data.val_fraction=0"])
+    q = "<image>\nWhat is it?\nAnswer the question using a single word or phrase."
+    placed = {}
+    for stage in ("pretrain", "finetune"):
+        position = StageData(recipe, stage, paths, lambda im: im, 4).dataset.image_position
+        placed[stage] = normalize_turn_text("human", q, position)
+    assert placed["pretrain"].startswith("<image>\nWhat is it?")  # stage 1: the image first
+    assert placed["finetune"].startswith("What is it?\n<image>\nWhat is it?")  # stage 2: the sandwich
+
+    same = load_recipe(REPO / "recipes" / "v6-1b6.yaml", ["data.val_fraction=0", "pretrain.image_position=null"])
+    assert StageData(same, "pretrain", paths, lambda im: im, 4).dataset.image_position == "middle"
+    with pytest.raises(RecipeError, match="pretrain.image_position"):
+        load_recipe(REPO / "recipes" / "v6-1b6.yaml", ["pretrain.image_position=last"])
 
 
 # ---------------------------------------------------------------- the v6.0 model end to end

@@ -167,6 +167,8 @@ class StageSection:
     """Validation loss every this many steps (0 disables)."""
     seed: int = 42
     """Seed for init, data order and dropout."""
+    image_position: Optional[str] = None
+    """Image placement in this stage's training samples; null uses model.image_position (v6.0 stage 1: `first`)."""
     max_bad_steps: int = 10
     """Stop after this many steps in a row with a non-finite loss or gradients (each is skipped, not applied)."""
 
@@ -277,6 +279,9 @@ def _validate(recipe: Recipe, source: str) -> None:
             for part in getattr(st, key):
                 if part not in _TRAINABLE:
                     raise bad(f"{stage}.{key}", f"unknown part {part!r}; choose from {', '.join(_TRAINABLE)}")
+        if st.image_position is not None and st.image_position not in _CHOICES["model.image_position"]:
+            choices = ", ".join(_CHOICES["model.image_position"])
+            raise bad(f"{stage}.image_position", f"{st.image_position!r} is not one of {choices} (or null)")
         for key in ("max_steps", "micro_batch", "grad_accum", "max_bad_steps"):
             if getattr(st, key) <= 0:
                 raise bad(f"{stage}.{key}", "must be positive")

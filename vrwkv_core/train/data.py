@@ -26,7 +26,7 @@ class StageData(pl.LightningDataModule):
         self.dataset = VisionLanguageDataset(
             paths["records"], paths["images"], default_tokenizer(), image_processor,
             tokens_per_image, recipe.data.ctx_len, skip_bad_images=recipe.data.skip_bad_images,
-            image_position=recipe.model.image_position,
+            image_position=self.stage.image_position or recipe.model.image_position,
         )  # fmt: skip
         self.train_idx, self.val_idx = split_indices(len(self.dataset), recipe.data.val_fraction, self.stage.seed)
         self.sampler: Any = None
