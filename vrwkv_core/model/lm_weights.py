@@ -99,11 +99,79 @@ def save_lm(model: nn.Module, path: str | Path, version: str) -> None:
         save_file(tensors, str(tmp), metadata=meta)
 
 
+LOGITS_MODES = ("all", "last", "hidden")
+
+
 class RWKVLanguageModel(nn.Module):
-    """Base of RWKV7 and RWKV6: subclasses set `version`, `label` and `config_from_state_dict`."""
+    """Base of RWKV7 and RWKV6: subclasses set `version`, `label` and `config_from_state_dict`,
+    build their blocks through `_build` and run them between `_input` and `_output`."""
 
     version = ""
     label = ""
+
+    def _build(self, cfg: Any, lora: Any, dim_ffn: int, make_block: Any, init: bool) -> None:
+        """The layout both share: emb, blocks, ln_out, head, built on the meta device, then
+        materialised and initialised on the default device unless `init` is False."""
+        from vrwkv_core.model.rwkv7 import Linear
+
+        if cfg.version != self.version:
+            raise ValueError(f"{type(self).__name__} needs model.rwkv.version {self.version}, got {cfg.version!r}")
+        if cfg.n_embd % cfg.head_size:
+            raise ValueError(f"n_embd {cfg.n_embd} is not a multiple of head_size {cfg.head_size}")
+        self.cfg = replace(cfg, dim_ffn=dim_ffn)
+        self.lora = lora
+        self.n_layer, self.n_embd, self.head_size = cfg.n_layer, cfg.n_embd, cfg.head_size
+        self.vocab_size, self.dim_ffn = cfg.vocab_size, dim_ffn
+        self.grad_checkpoint = False
+        with torch.device("meta"):
+            # An explicit weight skips nn.Embedding's normal_ init: normal_ on the meta device
+            # imports torch._dynamo, ~1 s added to every model build.
+            self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd, _weight=torch.empty(cfg.vocab_size, cfg.n_embd))
+            self.blocks = nn.ModuleList(make_block(self.cfg, i, lora, dim_ffn) for i in range(cfg.n_layer))
+            self.ln_out = nn.LayerNorm(cfg.n_embd)
+            self.head = Linear(cfg.n_embd, cfg.vocab_size)
+        device = torch.get_default_device()
+        if init and device.type != "meta":
+            self.to_empty(device=device)
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        raise NotImplementedError
+
+    def _input(self, idx: torch.Tensor | None, embeds: torch.Tensor | None, state: Any, logits: str) -> torch.Tensor:
+        """Checks the forward arguments and returns the input embeddings [B,T,C]."""
+        if (idx is None) == (embeds is None):
+            raise ValueError("pass exactly one of idx [B,T] or embeds [B,T,C]")
+        if logits not in LOGITS_MODES:
+            raise ValueError(f"logits must be one of {', '.join(LOGITS_MODES)}, got {logits!r}")
+        x = self.emb(idx) if idx is not None else embeds.to(self.emb.weight.dtype)
+        if x.dim() != 3 or x.shape[-1] != self.n_embd:
+            raise ValueError(f"expected ids [B,T] or embeds [B,T,{self.n_embd}], got {tuple(x.shape)}")
+        if state is not None and (state.batch_size != x.shape[0] or state.n_layer != self.n_layer):
+            raise ValueError(
+                f"state has batch {state.batch_size} and {state.n_layer} layers; input has batch "
+                f"{x.shape[0]}, model {self.n_layer} layers"
+            )
+        return x
+
+    def _checkpointing(self, one: bool) -> bool:
+        """Whether blocks recompute their activations in backward (training, T > 1)."""
+        return self.grad_checkpoint and self.training and torch.is_grad_enabled() and not one
+
+    def _output(self, x: torch.Tensor, one: bool, logits: str, layers: list[tuple]) -> tuple[torch.Tensor, Any]:
+        """ln_out + head on the blocks' output (x [B,C] when `one`), and the new state from the
+        per-layer (att_shift, wkv, ffn_shift) triples."""
+        from vrwkv_core.model.state import RWKVState
+
+        new_state = RWKVState(*(list(parts) for parts in zip(*layers)))
+        if one:
+            x = x.unsqueeze(1)
+        if logits == "last":
+            x = x[:, -1:]
+        x = self.ln_out(x)
+        if logits == "hidden":
+            return x, new_state
+        return self.head(x), new_state
 
     @staticmethod
     def config_from_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<state dict>") -> tuple[Any, Any]:

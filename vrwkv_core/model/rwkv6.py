@@ -27,7 +27,7 @@ it keeps exp from reaching inf, whose backward would be 0 * inf = NaN.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -41,7 +41,6 @@ from vrwkv_core.model.rwkv7 import Linear, _last, _layer_norm, _linear, _shifted
 from vrwkv_core.model.state import RWKVState
 
 GROUPNORM_EPS = 64e-5  # RWKV-LM: 1e-5 * head_size_divisor**2 with divisor 8
-LOGITS_MODES = ("all", "last", "hidden")
 DECAY_EXP_MAX = 7.0  # see the module docstring
 Span = tuple[int, int]
 
@@ -280,25 +279,8 @@ class RWKV6(RWKVLanguageModel):
         weights on the meta device (for loaders that assign tensors afterwards).
         """
         super().__init__()
-        if cfg.version != "x060":
-            raise ValueError(f"RWKV6 needs model.rwkv.version x060, got {cfg.version!r}")
-        if cfg.n_embd % cfg.head_size:
-            raise ValueError(f"n_embd {cfg.n_embd} is not a multiple of head_size {cfg.head_size}")
         dim_ffn = cfg.dim_ffn or default_dim_ffn(cfg.n_embd)
-        self.cfg = replace(cfg, dim_ffn=dim_ffn)
-        self.lora = lora or LoraDims6.default(cfg.n_embd)
-        self.n_layer, self.n_embd, self.head_size = cfg.n_layer, cfg.n_embd, cfg.head_size
-        self.vocab_size, self.dim_ffn = cfg.vocab_size, dim_ffn
-        self.grad_checkpoint = False
-        with torch.device("meta"):
-            self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-            self.blocks = nn.ModuleList(Block6(self.cfg, i, self.lora, dim_ffn) for i in range(cfg.n_layer))
-            self.ln_out = nn.LayerNorm(cfg.n_embd)
-            self.head = Linear(cfg.n_embd, cfg.vocab_size)
-        device = torch.get_default_device()
-        if init and device.type != "meta":
-            self.to_empty(device=device)
-            self.reset_parameters()
+        self._build(cfg, lora or LoraDims6.default(cfg.n_embd), dim_ffn, Block6, init)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -364,25 +346,14 @@ class RWKV6(RWKVLanguageModel):
         output [B,T,C] ("hidden"). `state` is not modified. `reverse_spans` (one entry per
         sample, see `reversal_order`) turns on the odd-layer reversal of those rows.
         """
-        if (idx is None) == (embeds is None):
-            raise ValueError("pass exactly one of idx [B,T] or embeds [B,T,C]")
-        if logits not in LOGITS_MODES:
-            raise ValueError(f"logits must be one of {', '.join(LOGITS_MODES)}, got {logits!r}")
-        x = self.emb(idx) if idx is not None else embeds.to(self.emb.weight.dtype)
-        if x.dim() != 3 or x.shape[-1] != self.n_embd:
-            raise ValueError(f"expected ids [B,T] or embeds [B,T,{self.n_embd}], got {tuple(x.shape)}")
+        x = self._input(idx, embeds, state, logits)
         B, T = x.shape[:2]
-        if state is not None and (state.batch_size != B or state.n_layer != self.n_layer):
-            raise ValueError(
-                f"state has batch {state.batch_size} and {state.n_layer} layers; input has batch "
-                f"{B}, model {self.n_layer} layers"
-            )
         order = reversal_order(reverse_spans, B, T, x.device) if reverse_spans is not None else None
         one = T == 1
-        ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled() and not one
+        ckpt = self._checkpointing(one)
         if one:
             x = x[:, 0]
-        att_shift, wkv, ffn_shift = [], [], []
+        layers = []
         for i, block in enumerate(self.blocks):
             s = (state.att_shift[i], state.wkv[i], state.ffn_shift[i]) if state is not None else (None, None, None)
             block_order = order if i % 2 == 1 else None
@@ -395,19 +366,8 @@ class RWKV6(RWKVLanguageModel):
             else:
                 out = block(x, *s, backend, block_order)
             x = out[0]
-            att_shift.append(out[1])
-            wkv.append(out[2])
-            ffn_shift.append(out[3])
-        new_state = RWKVState(att_shift, wkv, ffn_shift)
-        if one:
-            x = x.unsqueeze(1)
-        if logits == "last":
-            x = x[:, -1:]
-        x = self.ln_out(x)
-        if logits == "hidden":
-            return x, new_state
-        return self.head(x), new_state
-
+            layers.append(out[1:])
+        return self._output(x, one, logits, layers)
 
 
 def is_rwkv6_state_dict(sd: Mapping[str, object]) -> bool:

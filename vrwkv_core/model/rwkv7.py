@@ -21,7 +21,7 @@ float32, which stays accurate for large |z|; the kernel gets a = -kk, b = kk * a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -34,7 +34,6 @@ from vrwkv_core.model.lm_weights import RWKVLanguageModel, read_weights
 from vrwkv_core.model.state import RWKVState
 
 GROUPNORM_EPS = 64e-5  # RWKV-LM: 1e-5 * head_size_divisor**2 with divisor 8
-LOGITS_MODES = ("all", "last", "hidden")
 
 
 @dataclass(frozen=True)
@@ -345,27 +344,7 @@ class RWKV7(RWKVLanguageModel):
         weights on the meta device (for loaders that assign tensors afterwards).
         """
         super().__init__()
-        if cfg.version != "x070":
-            raise ValueError(f"RWKV7 needs model.rwkv.version x070, got {cfg.version!r}")
-        if cfg.n_embd % cfg.head_size:
-            raise ValueError(f"n_embd {cfg.n_embd} is not a multiple of head_size {cfg.head_size}")
-        dim_ffn = cfg.dim_ffn or 4 * cfg.n_embd
-        self.cfg = replace(cfg, dim_ffn=dim_ffn)
-        self.lora = lora or LoraDims.default(cfg.n_embd)
-        self.n_layer, self.n_embd, self.head_size = cfg.n_layer, cfg.n_embd, cfg.head_size
-        self.vocab_size, self.dim_ffn = cfg.vocab_size, dim_ffn
-        self.grad_checkpoint = False
-        with torch.device("meta"):
-            # An explicit weight skips nn.Embedding's normal_ init: normal_ on the meta device
-            # imports torch._dynamo, ~1 s added to every model build.
-            self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd, _weight=torch.empty(cfg.vocab_size, cfg.n_embd))
-            self.blocks = nn.ModuleList(Block(self.cfg, i, self.lora, dim_ffn) for i in range(cfg.n_layer))
-            self.ln_out = nn.LayerNorm(cfg.n_embd)
-            self.head = Linear(cfg.n_embd, cfg.vocab_size)
-        device = torch.get_default_device()
-        if init and device.type != "meta":
-            self.to_empty(device=device)
-            self.reset_parameters()
+        self._build(cfg, lora or LoraDims.default(cfg.n_embd), cfg.dim_ffn or 4 * cfg.n_embd, Block, init)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -433,24 +412,13 @@ class RWKV7(RWKVLanguageModel):
         "last", or the ln_out output [B,T,C] for "hidden" (apply `self.head` yourself,
         e.g. only where labels are valid). `state` is not modified.
         """
-        if (idx is None) == (embeds is None):
-            raise ValueError("pass exactly one of idx [B,T] or embeds [B,T,C]")
-        if logits not in LOGITS_MODES:
-            raise ValueError(f"logits must be one of {', '.join(LOGITS_MODES)}, got {logits!r}")
-        x = self.emb(idx) if idx is not None else embeds.to(self.emb.weight.dtype)
-        if x.dim() != 3 or x.shape[-1] != self.n_embd:
-            raise ValueError(f"expected ids [B,T] or embeds [B,T,{self.n_embd}], got {tuple(x.shape)}")
-        if state is not None and (state.batch_size != x.shape[0] or state.n_layer != self.n_layer):
-            raise ValueError(
-                f"state has batch {state.batch_size} and {state.n_layer} layers; input has batch "
-                f"{x.shape[0]}, model {self.n_layer} layers"
-            )
+        x = self._input(idx, embeds, state, logits)
         one = x.shape[1] == 1  # single token: the step path on [B, C]
-        ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled() and not one
+        ckpt = self._checkpointing(one)
         if one:
             x = x[:, 0]
         v_first = None
-        att_shift, wkv, ffn_shift = [], [], []
+        layers = []
         for i, block in enumerate(self.blocks):
             s = (state.att_shift[i], state.wkv[i], state.ffn_shift[i]) if state is not None else (None, None, None)
             if one:
@@ -462,19 +430,8 @@ class RWKV7(RWKVLanguageModel):
             else:
                 out = block(x, v_first, *s, backend)
             x, v_first = out[0], out[1]
-            att_shift.append(out[2])
-            wkv.append(out[3])
-            ffn_shift.append(out[4])
-        new_state = RWKVState(att_shift, wkv, ffn_shift)
-        if one:
-            x = x.unsqueeze(1)
-        if logits == "last":
-            x = x[:, -1:]
-        x = self.ln_out(x)
-        if logits == "hidden":
-            return x, new_state
-        return self.head(x), new_state
-
+            layers.append(out[2:])
+        return self._output(x, one, logits, layers)
 
 
 def config_from_state_dict(
