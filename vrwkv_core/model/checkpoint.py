@@ -25,6 +25,7 @@ import torch
 
 from vrwkv_core.errors import CheckpointError
 from vrwkv_core.fsutil import atomic_path
+from vrwkv_core.model.lm_weights import check_names
 
 if TYPE_CHECKING:
     from vrwkv_core.config import ModelSection, Recipe
@@ -107,20 +108,6 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: truncated or not a safetensors file ({first})") from None
-
-
-def check_names(expected: Mapping[str, tuple], got: Mapping[str, tuple], source: str) -> None:
-    """Strict accounting of name -> shape maps: one error listing missing, unexpected, wrong shapes."""
-    missing = [n for n in expected if n not in got]
-    unexpected = [n for n in got if n not in expected]
-    wrong = [f"{n} {tuple(got[n])} != {tuple(s)}" for n, s in expected.items() if n in got and tuple(got[n]) != tuple(s)]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if names:
-                shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
-                parts.append(f"{len(names)} {label}: {shown}")
-        raise CheckpointError(f"{source}: weights do not fit the model: " + "; ".join(parts))
 
 
 def load_state_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:

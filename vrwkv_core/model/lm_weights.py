@@ -45,21 +45,21 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(sd)
 
 
-def check_names(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], source: str, what: str) -> None:
-    """Strict loading: every tensor used, every parameter filled, every shape right."""
-    missing = [n for n in expected if n not in sd]
-    unexpected = [n for n in sd if n not in expected]
-    wrong = [f"{n} {tuple(sd[n].shape)} != {shape}" for n, shape in expected.items()
-             if n in sd and tuple(sd[n].shape) != shape]  # fmt: skip
+def check_names(expected: Mapping[str, tuple], got: Mapping[str, tuple], source: str, what: str = "the model") -> None:
+    """Strict accounting of name -> shape maps (every tensor used, every parameter filled,
+    every shape right): one error line listing the missing, unexpected and wrong-shaped names."""
+    missing = [n for n in expected if n not in got]
+    unexpected = [n for n in got if n not in expected]
+    wrong = [f"{n} {tuple(got[n])} != {tuple(s)}" for n, s in expected.items() if n in got and tuple(got[n]) != tuple(s)]
 
     def few(names: list[str]) -> str:
-        return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+        return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
 
     problems = [f"{len(names)} {label}: {few(names)}"
-                for label, names in (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong))
+                for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
                 if names]  # fmt: skip
     if problems:
-        raise CheckpointError(f"{source}: does not match an {what} model; " + "; ".join(problems))
+        raise CheckpointError(f"{source}: weights do not fit {what}: " + "; ".join(problems))
 
 
 def assign_weights(
@@ -71,7 +71,8 @@ def assign_weights(
     Tensors already in the target dtype and device are used as they are (no copy, so an
     mmap'd file stays mapped).
     """
-    check_names(sd, {name: tuple(t.shape) for name, t in model.state_dict().items()}, source, what)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    check_names(expected, {name: tuple(t.shape) for name, t in sd.items()}, source, f"an {what} model")
     device = torch.device(device) if device is not None else torch.device("cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -218,7 +218,8 @@ def from_released_state_dict(
     The config is inferred unless `model_cfg` is given. dtype None: bfloat16 on CUDA,
     float32 elsewhere; device "meta" checks names and shapes without any data.
     """
-    from vrwkv_core.model.checkpoint import assign_state, build_meta, check_names
+    from vrwkv_core.model.checkpoint import assign_state, build_meta
+    from vrwkv_core.model.lm_weights import check_names
     from vrwkv_core.model.rwkv7 import config_from_state_dict
     from vrwkv_core.model.released_v6 import from_released_v6_state_dict, is_released_v6
     from vrwkv_core.model.rwkv6 import lm_config_from_state_dict
@@ -280,7 +281,8 @@ def export_pth(
 ) -> dict[str, Any]:
     """Writes one of our model dirs as a released VisualRWKV `.pth` (or the LM alone as an
     RWKV-LM `.pth`, names without `rwkv.`), atomically. Returns {path, tensors, bytes, dtype}."""
-    from vrwkv_core.model.checkpoint import WEIGHTS, build_meta, check_names, lora_of, read_recipe, read_safetensors
+    from vrwkv_core.model.checkpoint import WEIGHTS, build_meta, lora_of, read_recipe, read_safetensors
+    from vrwkv_core.model.lm_weights import check_names
 
     if isinstance(dtype, str):
         if dtype not in DTYPES:

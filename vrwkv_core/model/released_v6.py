@@ -130,7 +130,8 @@ def from_released_v6_state_dict(
 
     dtype None: bfloat16 on CUDA, float32 elsewhere; device "meta" checks names and shapes only.
     """
-    from vrwkv_core.model.checkpoint import assign_state, check_names
+    from vrwkv_core.model.checkpoint import assign_state
+    from vrwkv_core.model.lm_weights import check_names
 
     model_cfg, lora = infer_v6_model_config(sd, source)
     model = build_meta_v6(model_cfg, lora)
