@@ -166,3 +166,15 @@ def test_bench_lm_passes_the_clock_through(args, clock, monkeypatch, capsys):
     assert seen["clock"] == clock
     assert json.loads(capsys.readouterr().out)["rows"][0]["model"] == "vrwkv"
     assert run(["bench", "lm", "--clock", "gpu"]) != 0  # not a clock
+
+
+def test_result_tables_are_never_cut_when_piped(capsys) -> None:
+    """Bench/eval tables printed to a pipe or log keep every value whole (no "…" at 80 columns)."""
+    from vrwkv_cli.common import print_rows
+
+    row = {"model": "vrwkv-rwkv6-fp32-a-long-model-name", "phase": "prefill", "tokens_per_second": 51.1634,
+           "ratio": 1.265, "bytes_per_token": 6_438_912_000, "read_bandwidth_gb_s": 34.86, "greedy_match": True}
+    print_rows([row], "RWKV-6 L24 D2048 random weights")
+    out = capsys.readouterr().out
+    assert "…" not in out and max(len(line) for line in out.splitlines()) > 80
+    assert "vrwkv-rwkv6-fp32-a-long-model-name" in out and "6438912000" in out.replace(",", "")

@@ -79,7 +79,14 @@ def print_rows(rows: list[dict[str, Any]], title: str, as_json: bool = False) ->
             if key not in columns:
                 columns.append(key)
     for col in columns:
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # a narrow terminal folds values, never cuts them to "…"
     for row in rows:
         table.add_row(*(_fmt(row.get(col, "")) for col in columns))
-    console.print(table)
+    if console.is_terminal:
+        console.print(table)
+        return
+    # Piped or logged output has no width to fit: print the table at its natural width.
+    from rich.measure import Measurement
+
+    width = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    Console(file=console.file, width=max(width, console.width)).print(table)
