@@ -1,8 +1,9 @@
 """What the RWKV language models (RWKV-7 and RWKV-6) share: weights I/O and a base class.
 
 Both LMs keep the official RWKV-LM names, so one reader, one strict name check, one
-"assign the tensors to a meta-device model" path and one `RWKVLanguageModel` base (loading,
-saving, zero state, CPU inference layout) serve both.
+"assign the tensors to a meta-device model" path and one `RWKVLanguageModel` base (layout
+and construction, forward input checks and output, loading, saving, zero state, CPU inference
+layout) serve both; each model keeps its blocks, init and block loop.
 """
 
 from __future__ import annotations
