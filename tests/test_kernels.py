@@ -25,16 +25,7 @@ BF16_TOL = 1e-2
 NAMES = ("y", "state", "d_r", "d_log_w", "d_k", "d_v", "d_a", "d_b", "d_state0")
 
 
-@pytest.fixture(autouse=True)
-def nan_poison():
-    """Make every uninitialised allocation NaN for the duration of a test."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(prev)
-    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+pytestmark = pytest.mark.usefixtures("nan_poison")  # unwritten outputs are NaN (conftest)
 
 
 def make_inputs(B: int, T: int, H: int, N: int, seed: int, log_w: float | None = None):

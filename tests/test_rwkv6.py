@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import check_lm_trains_and_checkpoints, rel
 from vrwkv_core.bench.lm6 import random_rwkv6_weights, rwkv_pkg_run
 from vrwkv_core.config import RWKVSection
 from vrwkv_core.errors import CheckpointError
@@ -26,11 +27,6 @@ TINY = RWKVSection(version="x060", n_layer=3, n_embd=128, head_size=64, vocab_si
 @pytest.fixture(scope="module")
 def tiny() -> RWKV6:
     return RWKV6.from_state_dict(random_rwkv6_weights(TINY, seed=3))
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """max|x - ref| / std(ref), the logits tolerance of DESIGN.md."""
-    return float((x.float() - ref.float()).abs().max() / ref.float().std())
 
 
 def ids_for(T: int, B: int = 1, seed: int = 0, vocab: int = TINY.vocab_size) -> torch.Tensor:
@@ -233,26 +229,7 @@ def test_fresh_model_init_and_training() -> None:
         assert float(model.blocks[0].att.output.weight.abs().sum()) == 0.0  # blocks start as identity
         decay = torch.exp(-torch.exp(model.blocks[0].att.time_decay))
     assert float(decay.min()) < 0.7 and float(decay.max()) > 0.99  # spread over channels
-    ids = torch.arange(33).remainder(7)[None].repeat(2, 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    losses = []
-    for _ in range(8):
-        logits, _ = model(ids[:, :-1], reverse_spans=[(3, 12), (3, 12)])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    assert losses[-1] < losses[0] - 0.5
-    grads = {}
-    for flag in (False, True):
-        model.grad_checkpoint = flag
-        model.zero_grad()
-        hidden, _ = model(ids, logits="hidden", reverse_spans=[(3, 12), None])
-        model.head(hidden).square().mean().backward()
-        grads[flag] = [p.grad.clone() for p in model.parameters()]
-    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(grads[False], grads[True]))
+    check_lm_trains_and_checkpoints(model, reverse_spans=[(3, 12), (3, 12)])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

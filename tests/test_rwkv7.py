@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import rel
+from conftest import check_lm_trains_and_checkpoints, rel
 from vrwkv_core.bench.lm import random_rwkv7_weights
 from vrwkv_core.config import RWKVSection
 from vrwkv_core.errors import CheckpointError
@@ -233,26 +233,7 @@ def test_fresh_model_names_init_and_training() -> None:
     assert 0.545 < float(w.min()) < 0.6 and float(w.max()) > 0.99  # decays spread over their range
 
     # a few steps on a repeating sequence: the loss falls; grad checkpointing gives the same grads
-    ids = torch.arange(33).remainder(7)[None].repeat(2, 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    losses = []
-    for _ in range(8):
-        logits, _ = model(ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    assert losses[-1] < losses[0] - 0.5
-    grads = {}
-    for flag in (False, True):
-        model.grad_checkpoint = flag
-        model.zero_grad()
-        hidden, _ = model(ids, logits="hidden")
-        model.head(hidden).square().mean().backward()
-        grads[flag] = [p.grad.clone() for p in model.parameters()]
-    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(grads[False], grads[True]))
+    check_lm_trains_and_checkpoints(model)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
