@@ -244,3 +244,20 @@ def test_optimize_for_inference_keeps_the_function(dtype: torch.dtype) -> None:
         step2, _ = model(ids[:, :1], state=s2)
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     assert rel(after, before) < tol and rel(step2, step1) < tol
+
+
+def test_bench_rwkv6_rows_side_by_side_with_the_package() -> None:
+    """`vrwkv bench lm --rwkv6 [--bf16]` rows, on a tiny shape: ours (fp32, bf16) and the
+    rwkv package's, each phase with a ratio against the package and the fp32 greedy check."""
+    from vrwkv_core.bench.lm6 import run_rwkv6_bench
+
+    rows = run_rwkv6_bench(threads=1, T=12, decode_tokens=4, cfg=TINY, bf16=True)
+    by = {(r["model"], r["phase"]): r for r in rows}
+    assert set(by) == {(m, p) for m in ("vrwkv-rwkv6", "vrwkv-rwkv6-bf16", "rwkv-pkg-rwkv6")
+                       for p in ("prefill", "decode")}  # fmt: skip
+    for (model, phase), row in by.items():
+        assert row["tokens_per_s"] > 0 and row["shape"] == "L3 C128"
+        ref = by[("rwkv-pkg-rwkv6", phase)]["tokens_per_s"]
+        assert row["ratio"] == pytest.approx(row["tokens_per_s"] / ref)
+    assert by[("vrwkv-rwkv6", "decode")]["greedy_match"] is True
+    assert "greedy_match" not in by[("vrwkv-rwkv6-bf16", "decode")]

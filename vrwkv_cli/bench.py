@@ -42,7 +42,7 @@ def lm(
     threads: ThreadsOpt = 2,
     length: Annotated[int, typer.Option("--length", "-T", help="Prefill length.")] = 512,
     decode_tokens: Annotated[int, typer.Option(help="Tokens to decode.")] = 64,
-    bf16: Annotated[bool, typer.Option("--bf16", help="Add a bf16-weights row.")] = False,
+    bf16: Annotated[bool, typer.Option("--bf16", help="Add bf16-weights rows.")] = False,
     rwkv6: Annotated[bool, typer.Option("--rwkv6", help="Add RWKV-6 1.6B-shape rows (needs ~13 GB RAM).")] = False,
     clock: Annotated[Clock, typer.Option(
         help="What the RWKV-7 rows time: wall (elapsed) or cpu (process CPU time; steadier on a busy "
@@ -61,7 +61,7 @@ def lm(
     if rwkv6:
         from vrwkv_core.bench.lm6 import run_rwkv6_bench
 
-        print_rows(run_rwkv6_bench(threads=threads), "RWKV-6 L24 D2048 random weights", as_json)
+        print_rows(run_rwkv6_bench(threads=threads, bf16=bf16), "RWKV-6 L24 D2048 random weights", as_json)
 
 
 @app.command()
