@@ -168,6 +168,23 @@ def build_tiny_vlm(seed: int = 1, tokens_per_image: int = 4, model=None):
     return vlm.eval()
 
 
+def check_half_checkpoint(cls, sd, path: Path, ids) -> None:
+    """A half-precision official `.pth` loads as fp32 and as bf16; bf16 runs close to fp32
+    (prefill and one more step) with an fp32 WKV state."""
+    import torch
+
+    torch.save(sd, path)
+    fp32 = cls.from_checkpoint(path)
+    bf16 = cls.from_checkpoint(path, dtype=torch.bfloat16)
+    assert fp32.emb.weight.dtype == torch.float32 and bf16.head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        want, _ = fp32(ids)
+        got, state = bf16(ids)
+        step, _ = bf16(ids[:, :1], state=state)
+    assert got.dtype == torch.bfloat16 and state.wkv[0].dtype == torch.float32
+    assert rel(got, want) < 0.1 and torch.isfinite(step).all()
+
+
 def check_lm_trains_and_checkpoints(model, **forward_kwargs) -> None:
     """A fresh LM: 8 AdamW steps on a repeating sequence lower the loss by > 0.5, and
     gradient checkpointing gives the same gradients. `forward_kwargs` go to every forward."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import check_lm_trains_and_checkpoints, rel
+from conftest import check_half_checkpoint, check_lm_trains_and_checkpoints, rel
 from vrwkv_core.bench.lm6 import random_rwkv6_weights, rwkv_pkg_run
 from vrwkv_core.config import RWKVSection
 from vrwkv_core.errors import CheckpointError
@@ -207,17 +207,8 @@ def test_strict_loading_errors(tmp_path: Path) -> None:
 
 
 def test_half_checkpoint_loads_and_bf16_runs(tmp_path: Path) -> None:
-    torch.save(random_rwkv6_weights(TINY, seed=6, dtype=torch.bfloat16), tmp_path / "half.pth")
-    fp32 = RWKV6.from_checkpoint(tmp_path / "half.pth")
-    bf16 = RWKV6.from_checkpoint(tmp_path / "half.pth", dtype=torch.bfloat16)
-    assert fp32.emb.weight.dtype == torch.float32 and bf16.head.weight.dtype == torch.bfloat16
-    ids = ids_for(20, seed=6)
-    with torch.no_grad():
-        want, _ = fp32(ids)
-        got, state = bf16(ids)
-        step, _ = bf16(ids[:, :1], state=state)
-    assert got.dtype == torch.bfloat16 and state.wkv[0].dtype == torch.float32
-    assert rel(got, want) < 0.1 and torch.isfinite(step).all()
+    check_half_checkpoint(RWKV6, random_rwkv6_weights(TINY, seed=6, dtype=torch.bfloat16), tmp_path / "half.pth",
+                          ids_for(20, seed=6))
 
 
 def test_fresh_model_init_and_training() -> None:
