@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from vrwkv_core.kernels import cuda  # noqa: E402
-from vrwkv_core.kernels.reference import wkv7_reference  # noqa: E402
+from vrwkv_core.kernels.wkv7 import cuda  # noqa: E402
+from vrwkv_core.kernels.wkv7.reference import wkv7_reference  # noqa: E402
 
 NAMES = ["y", "state", "dr", "dlog_w", "dk", "dv", "da", "db", "ds0"]
 # (B, T, H, with initial state): B*H up to 512 at short T, small B*H where the float64 loop is long.
@@ -193,7 +193,7 @@ def main() -> int:
         check("cuda", cuda.wkv7_cuda, dtype, failures, errs)
     chunked = None
     try:
-        from vrwkv_core.kernels.chunked import wkv7_chunked as chunked
+        from vrwkv_core.kernels.wkv7.chunked import wkv7_chunked as chunked
     except Exception as err:
         print(f"chunked backend unavailable: {err}")
     cuda.POISON_OUTPUTS = False

@@ -11,9 +11,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import build_tiny_vlm
 from PIL import Image
 
-from conftest import build_tiny_vlm
 from vrwkv_cli.main import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny output dir as a training stage writes it: config.yaml + model.safetensors."""
+    from vrwkv_core.checkpoint import save_pretrained
     from vrwkv_core.config import load_recipe
-    from vrwkv_core.model.checkpoint import save_pretrained
 
     out = tmp_path_factory.mktemp("model")
     vlm = build_tiny_vlm()
@@ -178,9 +178,9 @@ def test_load_model_is_the_checkpoint_loader_plus_the_cpu_decoding_layout(model_
     import torch
     import yaml
 
+    from vrwkv_core.checkpoint import load_visual_rwkv, read_recipe, save_pretrained
     from vrwkv_core.errors import CheckpointError
     from vrwkv_core.infer.loading import load_model
-    from vrwkv_core.model.checkpoint import load_visual_rwkv, read_recipe, save_pretrained
 
     fast, plain = load_model(model_dir, device="cpu"), load_visual_rwkv(model_dir, device="cpu")
     a, b = fast.state_dict(), plain.state_dict()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import math
 import os
@@ -15,25 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import perturbed_vlm, read_manifest
 
-from conftest import perturbed_vlm, read_manifest
+from vrwkv_core.checkpoint.build import _to_empty, build_from_parts, build_meta
+from vrwkv_core.checkpoint.formats.released_v0700 import ours_to_released, released_to_ours
+from vrwkv_core.checkpoint.load import from_released_state_dict, load_checkpoint, load_pretrained, load_visual_rwkv
+from vrwkv_core.checkpoint.ours import WEIGHTS, save_pretrained
+from vrwkv_core.checkpoint.tensors import read_pth
 from vrwkv_core.config import load_recipe
 from vrwkv_core.errors import CheckpointError
 from vrwkv_core.fsutil import FILE_MODE
-from vrwkv_core.model import vision
-from vrwkv_core.model.checkpoint import (
-    WEIGHTS,
-    _to_empty,
-    build_meta,
-    build_from_parts,
-    load_checkpoint,
-    load_pretrained,
-    load_visual_rwkv,
-    save_pretrained,
-)
-from vrwkv_core.model.released import from_released_state_dict, read_pth
-from vrwkv_core.model.rwkv7 import RWKV7, LoraDims
-from vrwkv_core.model.vision import ours_to_released
+from vrwkv_core.model.rwkv.rwkv7 import RWKV7, LoraDims
+from vrwkv_core.model.vision import towers as vision
 from vrwkv_core.model.visual_rwkv import IMAGE_TOKEN_ID, VisualRWKV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,13 +111,13 @@ def test_saving_is_atomic(tiny_recipe, tmp_path, monkeypatch) -> None:
     save_pretrained(first, tmp_path / "m", tiny_recipe)
     for name in ("config.yaml", WEIGHTS):  # the usual mode (safetensors alone writes 0600)
         assert (tmp_path / "m" / name).stat().st_mode & 0o777 == FILE_MODE
-    import safetensors.torch
+    from vrwkv_core.checkpoint import ours
 
     def crash(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(ours, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(tiny_model(tiny_recipe, seed=1), tmp_path / "m", tiny_recipe)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.yaml", WEIGHTS]  # no temp left
@@ -132,14 +126,14 @@ def test_saving_is_atomic(tiny_recipe, tmp_path, monkeypatch) -> None:
 
 
 def test_non_persistent_buffers_are_computed_not_left_on_meta(tiny_recipe, tmp_path, monkeypatch) -> None:
-    build = vision.build_featurizer
+    spec = vision.TOWERS["tiny"]
 
-    def with_table(name, cfg):  # a tower with a non-persistent table, like timm's rope caches
-        model = build(name, cfg)
+    def with_table(cfg, size):  # a tower with a non-persistent table, like timm's rope caches
+        model = spec.build(cfg, size)
         model.register_buffer("table", torch.arange(6.0).view(2, 3) * 0.5, persistent=False)
         return model
 
-    monkeypatch.setattr(vision, "build_featurizer", with_table)
+    monkeypatch.setitem(vision.TOWERS, "tiny", dataclasses.replace(spec, build=with_table))
     save_pretrained(tiny_model(tiny_recipe), tmp_path / "m", tiny_recipe)
     back = load_visual_rwkv(tmp_path / "m", dtype=torch.bfloat16)
     table = back.vit.tiny_featurizer.table
@@ -225,7 +219,7 @@ def test_real_sized_0b1_file_loads_strictly_and_answers_an_image(reference_dir, 
     load_s = time.perf_counter() - t0
     got = model.state_dict()
     for name in checks:
-        assert torch.equal(got[vision.released_to_ours(name)], expected[name].float()), name
+        assert torch.equal(got[released_to_ours(name)], expected[name].float()), name
     assert got["rwkv.emb.weight"].dtype == torch.float32
     assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 

@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import build_tiny_vlm
 
-from conftest import build_tiny_vlm
 from vrwkv_cli.main import run
 from vrwkv_core.errors import DataError, VrwkvError
 from vrwkv_core.eval.benchmarks import OPTION_LETTER, SHORT_ANSWER, get_benchmark
@@ -33,9 +33,9 @@ MAX_NEW = 6
 def tiny(tmp_path_factory):
     """An untrained tiny VisualRWKV (tiny recipe, non-degenerate random LM weights), saved as
     one of our model dirs, plus a small shapes folder. Returns (model, model dir, shapes dir)."""
+    from vrwkv_core.checkpoint import save_pretrained
     from vrwkv_core.config import load_recipe
     from vrwkv_core.data.shapes import prepare_shapes
-    from vrwkv_core.model.checkpoint import save_pretrained
 
     root = tmp_path_factory.mktemp("eval_gen")
     recipe = load_recipe(REPO / "recipes" / "tiny.yaml")
@@ -51,11 +51,11 @@ def cli_model(tiny, monkeypatch):
     vlm, model_dir, _ = tiny
     loads = []
 
-    def fake_load(spec, device="auto", dtype="auto", download=False):
+    def fake_load(spec, device="auto", dtype="auto", download=False, wkv_backend=None):
         loads.append(str(spec))
         return vlm
 
-    monkeypatch.setattr("vrwkv_core.infer.loading.load_model", fake_load)
+    monkeypatch.setattr("vrwkv_core.eval.generate.load_model", fake_load)
     return model_dir, loads
 
 

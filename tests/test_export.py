@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import perturbed_vlm
 
-from conftest import perturbed_vlm
 from vrwkv_cli.main import run
+from vrwkv_core.checkpoint.build import build_from_parts
+from vrwkv_core.checkpoint.formats.released_v0700 import ours_to_released
+from vrwkv_core.checkpoint.load import load_released, load_visual_rwkv
+from vrwkv_core.checkpoint.ours import WEIGHTS, save_pretrained
+from vrwkv_core.checkpoint.tensors import read_pth
 from vrwkv_core.config import load_recipe
-from vrwkv_core.model.checkpoint import WEIGHTS, build_from_parts, load_visual_rwkv, save_pretrained
-from vrwkv_core.model.released import load_released, read_pth
-from vrwkv_core.model.vision import ours_to_released
 from vrwkv_core.model.visual_rwkv import VisualRWKV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +123,7 @@ def test_sam_tower_file_to_model_to_released_export_and_back(reference_dir, tmp_
                  for k, s in sam.items()}  # fmt: skip
     torch.save(meta_file, tmp_path / "sam_vit_b.pth")
     torch.manual_seed(0)
-    from vrwkv_core.model.rwkv7 import RWKV7
+    from vrwkv_core.model.rwkv.rwkv7 import RWKV7
 
     torch.save(RWKV7(tiny_recipe.model.rwkv).state_dict(), tmp_path / "lm.pth")
     recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [

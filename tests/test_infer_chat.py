@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import rel
+from helpers import rel
 from vrwkv_core.data.conversation import encode_generation_prompt
 from vrwkv_core.errors import CheckpointError, DataError, VrwkvError
 from vrwkv_core.infer.chat import ChatSession, ContextLengthWarning, image_key, load_image

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_tiny_vlm, rel
+from helpers import build_tiny_vlm, rel
 from vrwkv_core.infer.generate import (
     Generation,
     TextAssembler,

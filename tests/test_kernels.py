@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from vrwkv_core.kernels import wkv7
-from vrwkv_core.kernels.chunked import wkv7_chunked
-from vrwkv_core.kernels.reference import wkv7_reference
+from vrwkv_core.kernels.wkv7.chunked import wkv7_chunked
+from vrwkv_core.kernels.wkv7.reference import wkv7_reference
 
 FP32_TOL = 1e-5
 # bf16 keeps 8 significant bits (unit roundoff 2^-9 ~ 2e-3). The kernel computes in fp32, so

@@ -4,7 +4,7 @@ the float64 reference in the forward, the final state and every gradient.
 Without a GPU two more checks run: the kernel source itself, compiled by g++ with a small
 shim (one std::thread per CUDA lane, std::barrier for __syncthreads, static locals for
 shared memory), against the reference; and the autograd wrapper over a plain-PyTorch
-stand-in for the two ops, which checks the backward equations written in kernels/cuda.py.
+stand-in for the two ops, which checks the backward equations written in kernels/wkv7/cuda.py.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vrwkv_core.kernels import cuda
-from vrwkv_core.kernels.reference import wkv7_reference
+from vrwkv_core.kernels.wkv7 import cuda
+from vrwkv_core.kernels.wkv7.reference import wkv7_reference
+
 
 def make_inputs(B, T, H, N=64, dtype=torch.float32, device="cpu", seed=0, state=True):
     """Inputs in the model's ranges: log_w in (-exp(-0.5), 0), a = -kk, b = kk * gate."""
@@ -222,7 +223,7 @@ def cpu_kernel(request, tmp_path_factory):
 def resources_dir() -> Path:
     from importlib import resources
 
-    return Path(str(resources.files("vrwkv_core") / "cuda_ops"))
+    return Path(str(resources.files("vrwkv_core.cuda_ops")))
 
 
 @pytest.mark.parametrize("B,T,H", [(1, 1, 1), (2, 5, 2), (1, 8, 1), (1, 11, 2)])

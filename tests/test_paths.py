@@ -9,7 +9,7 @@ from vrwkv_core import paths
 
 def test_vrwkv_cache_dir_moves_every_vrwkv_cache(tmp_path, monkeypatch):
     from vrwkv_core.hub import integrity
-    from vrwkv_core.kernels import cuda
+    from vrwkv_core.kernels.wkv7 import cuda
 
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setenv("VRWKV_CACHE_DIR", str(tmp_path / "c"))

@@ -7,19 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import check_half_checkpoint, check_lm_trains_and_checkpoints, rel
 
-from conftest import check_half_checkpoint, check_lm_trains_and_checkpoints, rel
-from vrwkv_core.bench.lm6 import random_rwkv6_weights, rwkv_pkg_run
+from vrwkv_core.bench.lm6 import random_rwkv6_weights
+from vrwkv_core.bench.rwkv_pkg import rwkv_pkg_run
 from vrwkv_core.config import RWKVSection
 from vrwkv_core.errors import CheckpointError
-from vrwkv_core.model.rwkv6 import (
-    RWKV6,
-    LoraDims6,
-    config_from_state_dict,
-    lm_config_from_state_dict,
-    reversal_order,
-)
-from vrwkv_core.model.state import RWKVState
+from vrwkv_core.model.families import lm_config_from_state_dict
+from vrwkv_core.model.rwkv.rwkv6 import RWKV6, LoraDims6, config_from_state_dict, reversal_order
+from vrwkv_core.model.rwkv.state import RWKVState
 
 TINY = RWKVSection(version="x060", n_layer=3, n_embd=128, head_size=64, vocab_size=1000)
 

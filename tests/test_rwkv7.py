@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import check_half_checkpoint, check_lm_trains_and_checkpoints, rel
 
-from conftest import check_half_checkpoint, check_lm_trains_and_checkpoints, rel
 from vrwkv_core.bench.lm import random_rwkv7_weights
 from vrwkv_core.config import RWKVSection
 from vrwkv_core.errors import CheckpointError
-from vrwkv_core.model import RWKV7, LoraDims, RWKVState, config_from_state_dict
+from vrwkv_core.model import RWKV7, LoraDims, RWKVState
+from vrwkv_core.model.rwkv.rwkv7 import config_from_state_dict
 
 TINY = RWKVSection(n_layer=3, n_embd=128, head_size=64, vocab_size=1000)
 
@@ -193,7 +194,7 @@ def test_strict_loading_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         RWKV7.from_checkpoint(tmp_path / "nope.pth")
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
         RWKV7.from_checkpoint(tmp_path / "junk.pth")
 
 

@@ -182,8 +182,8 @@ def test_run_stage_checks_the_hardware_before_anything_else(tmp_path):
 
 
 def test_missing_inputs_are_reported_before_building(tmp_path):
-    from vrwkv_core.train.runner import check_inputs
     from vrwkv_core.progress import NULL_PROGRESS
+    from vrwkv_core.train.runner import check_inputs
 
     recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"data.root={tmp_path / 'nope'}", "data.synthetic=false"])
     with pytest.raises(DataError, match="pretrain.jsonl: training records not found"):
@@ -202,7 +202,7 @@ def test_missing_inputs_are_reported_before_building(tmp_path):
 
 
 def test_short_run_writes_outputs_and_learns(tiny_trained):
-    from vrwkv_core.model.checkpoint import load_pretrained
+    from vrwkv_core.checkpoint import load_pretrained
 
     for stage in ("pretrain", "finetune"):
         out = tiny_trained[stage]

@@ -39,9 +39,9 @@ def trained_ids(out: Path, rank: int) -> tuple[list[int], list[str]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("launch", ["python -m", "console script"])
 def test_two_process_ddp_shards_the_data_and_rank0_alone_writes(shapes, tmp_path, launch):
+    from vrwkv_core.checkpoint import load_pretrained
     from vrwkv_core.data.dataset import ResumableSampler
-    from vrwkv_core.model.checkpoint import load_pretrained
-    from vrwkv_core.train.runner import split_indices
+    from vrwkv_core.train.data import split_indices
 
     if launch == "console script":
         script = shutil.which("vrwkv")

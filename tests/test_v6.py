@@ -17,25 +17,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vrwkv_core.checkpoint.build import build_meta as build_meta_v6
+from vrwkv_core.checkpoint.formats.released_v060 import detect as is_released_v6
+from vrwkv_core.checkpoint.formats.released_v060 import infer_model_config as infer_v6_model_config
+from vrwkv_core.checkpoint.formats.released_v060 import to_ours as released_v6_to_ours
+from vrwkv_core.checkpoint.formats.released_v060 import to_released as ours_to_released_v6
+from vrwkv_core.checkpoint.load import from_released_state_dict as from_released_v6_state_dict
+
+
+def released_v6_shapes(model):
+    return {k: tuple(t.shape) for k, t in ours_to_released_v6(model.state_dict()).items()}
+
+from vrwkv_core.checkpoint.formats.towers import clip_from_transformers, clip_to_transformers
 from vrwkv_core.errors import CheckpointError
-from vrwkv_core.model.clip import (
+from vrwkv_core.model.vision.clip import (
     CLIP_MEAN,
     CLIP_STD,
     build_clip_tower,
     clip_features,
-    clip_from_transformers,
     clip_patch_spans,
     clip_preprocess,
-    clip_to_transformers,
-)
-from vrwkv_core.model.released_v6 import (
-    build_meta_v6,
-    from_released_v6_state_dict,
-    infer_v6_model_config,
-    is_released_v6,
-    ours_to_released_v6,
-    released_v6_shapes,
-    released_v6_to_ours,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,7 +276,7 @@ def test_x060_visual_rwkv_reverses_patch_rows_and_decodes_exactly() -> None:
 def _random_released_v6(entries, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random tensors in a released v6.0 layout (bf16), at roughly trained scales."""
     from vrwkv_core.bench.lm6 import random_rwkv6_weights
-    from vrwkv_core.model.rwkv6 import config_from_state_dict
+    from vrwkv_core.model.rwkv.rwkv6 import config_from_state_dict
 
     lm_meta = {n[len("rwkv."):]: torch.empty(s, device="meta") for n, s, _ in entries if n.startswith("rwkv.")}
     cfg, _ = config_from_state_dict(lm_meta)
@@ -398,8 +399,8 @@ def v6_dir(tmp_path_factory) -> Path:
 
     from PIL import Image
 
+    from vrwkv_core.checkpoint import save_pretrained
     from vrwkv_core.config import load_recipe
-    from vrwkv_core.model.checkpoint import save_pretrained
 
     out = tmp_path_factory.mktemp("v6model")
     vlm = _tiny_v6()
@@ -495,7 +496,8 @@ def test_chat_cli_prompt_answers_with_a_tiny_v6_dir(v6_dir: Path, tokenizer, cap
 
 def test_eval_prompt_style_defaults_to_the_models(v6_dir: Path, tiny_v6, tmp_path: Path) -> None:
     """`vrwkv eval` without --prompt-style uses v6 for an x060 model (dir or loaded), else v7."""
-    from conftest import build_tiny_vlm
+    from helpers import build_tiny_vlm
+
     from vrwkv_core.eval.generate import default_prompt_style
 
     assert default_prompt_style(v6_dir) == "v6" and default_prompt_style(str(v6_dir)) == "v6"
@@ -513,7 +515,7 @@ def test_v6_trains_through_both_stages_from_the_cli(tmp_path: Path, tokenizer) -
     from vrwkv_cli.main import run
     from vrwkv_core.data.shapes import prepare_shapes
     from vrwkv_core.infer import ChatSession, GenerationConfig, load_model
-    from vrwkv_core.model.rwkv6 import RWKV6
+    from vrwkv_core.model.rwkv.rwkv6 import RWKV6
 
     data = prepare_shapes(tmp_path / "shapes", n_train=24, n_eval=4, seed=2)
     common = [

@@ -6,21 +6,17 @@ import time
 
 import pytest
 import torch
+from helpers import read_manifest
 from PIL import Image
 
-from conftest import read_manifest
+from vrwkv_core.checkpoint.formats.released_v0700 import ours_to_released, released_to_ours
+from vrwkv_core.checkpoint.formats.towers import load_tower_file
 from vrwkv_core.config import ModelSection, RWKVSection, TinyTowerSection, VisionSection
 from vrwkv_core.errors import CheckpointError, RecipeError
-from vrwkv_core.model import vision
-from vrwkv_core.model.tiling import choose_grid, tile_image
-from vrwkv_core.model.vision import (
-    ImageProcessor,
-    VisionTowers,
-    load_tower_file,
-    ours_to_released,
-    released_to_ours,
-    sam_fold,
-)
+from vrwkv_core.model.vision import ImageProcessor, VisionTowers
+from vrwkv_core.model.vision import towers as vision
+from vrwkv_core.model.vision.tiling import choose_grid, tile_image
+from vrwkv_core.model.vision.towers import sam_fold
 
 TINY_VISION = VisionSection(
     towers=["tiny"], image_size=64, tiny=TinyTowerSection(width=32, depth=2, heads=2, patch_size=8)

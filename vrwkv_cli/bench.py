@@ -48,6 +48,7 @@ def lm(
         help="What the RWKV-7 rows time: wall (elapsed) or cpu (process CPU time; steadier on a busy "
              "shared machine, with --threads 1).")] = Clock.wall,  # fmt: skip
     as_json: JsonOpt = False,
+    wkv_backend: Annotated[str, typer.Option("--wkv-backend", help="WKV kernel of our prefill: auto, chunked, cuda or reference.")] = "auto",
 ) -> None:
     """RWKV-7 0.1B shape: prefill and decode tokens/s, ours vs the `rwkv` package.
 
@@ -56,7 +57,8 @@ def lm(
     from vrwkv_cli.common import print_rows
     from vrwkv_core.bench.lm import run_lm_bench
 
-    rows = run_lm_bench(threads=threads, T=length, decode_tokens=decode_tokens, bf16=bf16, clock=clock.value)
+    rows = run_lm_bench(threads=threads, T=length, decode_tokens=decode_tokens, bf16=bf16, clock=clock.value,
+                        wkv_backend=wkv_backend)
     print_rows(rows, "RWKV-7 L12 D768 random weights", as_json)
     if rwkv6:
         from vrwkv_core.bench.lm6 import run_rwkv6_bench

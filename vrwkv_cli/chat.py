@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
+from vrwkv_cli.common import WkvBackendOpt
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -52,6 +54,7 @@ def chat(
     stats: Annotated[bool, typer.Option("--stats", help="Show tokens/s and time to first token.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="With --prompt: one JSON line with answer and timings.")] = False,
     download: Annotated[bool, typer.Option("--download", help="Fetch a registry model if it is not on disk.")] = False,
+    wkv_backend: WkvBackendOpt = None,
 ) -> None:
     """Chat about an image (interactive), or answer one --prompt and exit.
 
@@ -88,7 +91,7 @@ def chat(
             _print_error(err_console, err)
     t0 = time.perf_counter()
     with err_console.status(f"loading {escape(model)}", spinner="dots") if not one_shot else _nothing():
-        vlm = load_model(model, device=device, dtype=dtype, download=download)
+        vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend)
     load_s = time.perf_counter() - t0
     session = ChatSession(vlm, config=config, ctx_len=context_length(model))
     for im in images:

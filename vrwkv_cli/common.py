@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any, Optional
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
 from vrwkv_core.progress import Progress
+
+WkvBackendOpt = Annotated[Optional[str], typer.Option(
+    "--wkv-backend", help="WKV kernel: auto, chunked, cuda or reference (the slow loop); default: the model's "
+                          "model.rwkv.wkv_backend.")]  # fmt: skip
 
 console = Console()
 err_console = Console(stderr=True)

@@ -35,7 +35,7 @@ def export(
     if dtype not in ("fp32", "fp16", "bf16"):
         raise typer.BadParameter(f"{dtype!r} is not one of fp32, fp16, bf16", param_hint="--dtype")
     from vrwkv_cli.common import console
-    from vrwkv_core.model.released import export_pth
+    from vrwkv_core.checkpoint import export_pth
 
     info = export_pth(model_dir, out, dtype=dtype, lm_only=lm_only)
     layout = "RWKV-LM" if lm_only else "released VisualRWKV"

@@ -13,9 +13,9 @@ from typing import Any
 _LAZY = {
     "RWKVTokenizer": "vrwkv_core.tokenizer",
     "load_recipe": "vrwkv_core.config",
-    "RWKV7": "vrwkv_core.model.rwkv7",
-    "RWKV6": "vrwkv_core.model.rwkv6",
-    "RWKVState": "vrwkv_core.model.state",
+    "RWKV7": "vrwkv_core.model.rwkv",
+    "RWKV6": "vrwkv_core.model.rwkv",
+    "RWKVState": "vrwkv_core.model.rwkv",
     "VisualRWKV": "vrwkv_core.model.visual_rwkv",
     "ChatSession": "vrwkv_core.infer.chat",
 }

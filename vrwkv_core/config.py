@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 from vrwkv_core.errors import RecipeError
 
+RWKV_VERSIONS = ("x070", "x060")  # the LM families (vrwkv_core.model.families.FAMILIES)
+WKV_BACKENDS = ("auto", "reference", "chunked", "cuda")  # vrwkv_core.kernels.BACKENDS
 
 @dataclass
 class RWKVSection:
@@ -35,6 +37,9 @@ class RWKVSection:
     """Vocabulary size (the World tokenizer has 65536 ids)."""
     dim_ffn: Optional[int] = None
     """Channel-mix width; null means 4 * n_embd (x070) or int(3.5*C // 32 * 32) (x060)."""
+    wkv_backend: str = "auto"
+    """WKV kernel: auto (the CUDA kernel on a GPU when it builds, else chunked), chunked, cuda, or
+    reference (the slow sequential loop, for checks). `--wkv-backend` on chat/eval/bench sets it too."""
 
 
 @dataclass
@@ -234,7 +239,8 @@ class Recipe:
 
 
 _CHOICES = {
-    "model.rwkv.version": ("x070", "x060"),
+    "model.rwkv.version": RWKV_VERSIONS,
+    "model.rwkv.wkv_backend": WKV_BACKENDS,
     "model.projector.type": ("mlp", "linear"),
     "model.image_position": ("first", "middle"),
     "hardware.accelerator": ("auto", "cpu", "gpu", "cuda"),

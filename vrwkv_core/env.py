@@ -9,6 +9,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from vrwkv_core.kernels.wkv7 import cuda as cuda_kernel
 from vrwkv_core.paths import cache_paths
 
 
@@ -53,9 +54,8 @@ def collect_env(try_build: bool = True) -> dict[str, str]:
     info["timm"] = _version("timm")
     info["huggingface-hub"] = _version("huggingface-hub")
     info["CPU threads"] = str(torch.get_num_threads())
+    info["CUDA WKV sources"] = cuda_kernel.sources_status()
     try:
-        from vrwkv_core.kernels import cuda as cuda_kernel
-
         info["CUDA WKV kernel"] = cuda_kernel.build_status() if try_build else "not checked (--no-build)"
     except Exception as err:  # the report must never fail because the kernel module does
         info["CUDA WKV kernel"] = f"not available: {err}"

@@ -2,7 +2,7 @@
 
     $VRWKV_CACHE_DIR          vrwkv's own cache (default $XDG_CACHE_HOME/vrwkv, i.e. ~/.cache/vrwkv)
       verified.json           sha256 records of downloaded files (hub/integrity.py)
-      extensions/<torch tag>  built CUDA kernels (kernels/cuda.py); $TORCH_EXTENSIONS_DIR, torch's
+      extensions/<torch tag>  built CUDA kernels (kernels/wkv7/cuda.py); $TORCH_EXTENSIONS_DIR, torch's
                               own variable, replaces `extensions/` when set
     huggingface_hub's cache   the downloads themselves ($HF_HUB_CACHE, or $HF_HOME/hub,
                               default ~/.cache/huggingface/hub)

@@ -26,8 +26,14 @@ import time
 from typing import Any
 
 import torch
+from PIL import Image
 
+from vrwkv_core.bench.lm import random_rwkv7_weights
 from vrwkv_core.config import ModelSection, RWKVSection, TinyTowerSection, VisionSection
+from vrwkv_core.infer.chat import ChatSession
+from vrwkv_core.infer.loading import resolve_device, resolve_dtype
+from vrwkv_core.model.rwkv.rwkv7 import RWKV7
+from vrwkv_core.model.visual_rwkv import VisualRWKV
 from vrwkv_core.progress import Progress
 
 LM_SHAPES = {
@@ -38,9 +44,6 @@ LM_SHAPES = {
 
 
 def _lm(shape: str, device: torch.device, dtype: torch.dtype):
-    from vrwkv_core.bench.lm import random_rwkv7_weights
-    from vrwkv_core.model.rwkv7 import RWKV7
-
     return RWKV7.from_state_dict(random_rwkv7_weights(LM_SHAPES[shape], seed=0), device=device, dtype=dtype)
 
 
@@ -106,14 +109,19 @@ def bench_rnn_vs_reencode(
     ]  # fmt: skip
 
 
+CACHE_MODELS = {
+    # the released 0b1 layout: dino + siglip at 448, sam at 1024
+    "full": ModelSection(rwkv=LM_SHAPES["0b1"], vision=VisionSection(), tokens_per_image=1024),
+    # 256 / 8 = 32x32 patches = 1024 image tokens, like the released models
+    "tiny": ModelSection(rwkv=LM_SHAPES["0b1"], tokens_per_image=1024, vision=VisionSection(
+        towers=["tiny"], image_size=256, tiny=TinyTowerSection(width=64, depth=2, heads=2, patch_size=8))),
+}
+
+
 def _cache_model_cfg(towers: str) -> ModelSection:
-    if towers == "full":  # the released 0b1 layout: dino + siglip at 448, sam at 1024
-        return ModelSection(rwkv=LM_SHAPES["0b1"], vision=VisionSection(), tokens_per_image=1024)
-    if towers == "tiny":  # 256 / 8 = 32x32 patches = 1024 image tokens, like the released models
-        tiny = TinyTowerSection(width=64, depth=2, heads=2, patch_size=8)
-        return ModelSection(rwkv=LM_SHAPES["0b1"], vision=VisionSection(towers=["tiny"], image_size=256, tiny=tiny),
-                            tokens_per_image=1024)  # fmt: skip
-    raise ValueError(f"cache_towers must be 'full' or 'tiny', got {towers!r}")
+    if towers not in CACHE_MODELS:
+        raise ValueError(f"cache_towers must be one of {', '.join(CACHE_MODELS)}, got {towers!r}")
+    return CACHE_MODELS[towers]
 
 
 @torch.no_grad()
@@ -124,11 +132,6 @@ def bench_image_cache(
     repeats: int = 3,
 ) -> list[dict[str, Any]]:
     """TTFT of a second question about the same image: cached image state vs none."""
-    from PIL import Image
-
-    from vrwkv_core.bench.lm import random_rwkv7_weights
-    from vrwkv_core.infer.chat import ChatSession
-    from vrwkv_core.model.visual_rwkv import VisualRWKV
 
     device = torch.device(device)
     cfg = _cache_model_cfg(towers)
@@ -179,8 +182,6 @@ def run_generate_bench(
     tower for the cache rows (the full towers take minutes per image there), on CUDA the
     0.1B-shaped LM and the full released tower set.
     """
-    from vrwkv_core.infer.loading import resolve_device, resolve_dtype
-
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if lm == "auto":

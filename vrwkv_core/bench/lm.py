@@ -18,10 +18,7 @@ Rows: {"model", "phase", "tokens_per_s", "ratio" (ours / rwkv-pkg, same phase), 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +26,9 @@ from typing import Any, Callable
 
 import torch
 
+from vrwkv_core.bench.rwkv_pkg import decode_pkg, load_rwkv7_pkg
 from vrwkv_core.config import RWKVSection
+from vrwkv_core.model.rwkv.rwkv7 import RWKV7
 from vrwkv_core.progress import Progress
 
 
@@ -76,8 +75,6 @@ def random_rwkv7_weights(
 ) -> dict[str, torch.Tensor]:
     """A random RWKV-7 state dict in the official layout with roughly trained-model scales
     (unit-gain matrices, spread decays, non-trivial gates), so logits are not degenerate."""
-    from vrwkv_core.model.rwkv7 import RWKV7
-
     def rules(name: str, leaf: str, shape: tuple, randn: Callable, uniform: Callable) -> torch.Tensor | None:
         if leaf in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
             return uniform(*shape)
@@ -112,10 +109,10 @@ _CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 def _read_bandwidth(mb: int = 512, repeats: int = 5, timer=time.perf_counter) -> float:
     """Bytes/s of a `.sum()` over a float32 tensor far larger than the caches (best of a few)."""
     x = torch.ones(mb * 2**20 // 4)
-    return x.numel() * 4 / _best_of(x.sum, repeats, timer)
+    return x.numel() * 4 / best_of(x.sum, repeats, timer)
 
 
-def _best_of(fn, repeats: int, timer=time.perf_counter) -> float:
+def best_of(fn, repeats: int, timer=time.perf_counter) -> float:
     """Seconds of the fastest of `repeats` calls after one warm-up call (TorchScript and
     oneDNN specialise on the first calls)."""
     fn()
@@ -137,6 +134,7 @@ def run_lm_bench(
     cfg: RWKVSection | None = None,
     progress: Progress | None = None,
     clock: str = "wall",
+    wkv_backend: str = "auto",
 ) -> list[dict]:
     """Prefill (T tokens, last-position logits) and greedy decode tokens/s, ours vs the rwkv package.
 
@@ -146,10 +144,9 @@ def run_lm_bench(
     for decode "bytes_per_token", "read_bandwidth_gb_s" and "bandwidth_fraction" (weight
     bytes per token / time per token / the measured read bandwidth). Each time is the
     best of `repeats` runs after one warm-up run. `clock="cpu"` times process CPU time
-    instead of wall time: with threads=1 it is robust on a busy shared machine.
+    instead of wall time: with threads=1 it is robust on a busy shared machine. `wkv_backend`
+    is the WKV kernel our prefill runs through.
     """
-    from vrwkv_core.model.rwkv7 import RWKV7
-
     if clock not in _CLOCKS:
         raise ValueError(f"clock must be one of {', '.join(_CLOCKS)}, got {clock!r}")
     timer = _CLOCKS[clock]
@@ -162,10 +159,11 @@ def run_lm_bench(
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "bench-rwkv7.pth"
             torch.save(random_rwkv7_weights(cfg), path)
-            ours = {"vrwkv": RWKV7.from_checkpoint(path).optimize_for_inference()}
+            ours = {"vrwkv": RWKV7.from_checkpoint(path).use_wkv_backend(wkv_backend).optimize_for_inference()}
             if bf16:
-                ours["vrwkv-bf16"] = RWKV7.from_checkpoint(path, dtype=torch.bfloat16).optimize_for_inference()
-            pkg = _load_rwkv_pkg(path)
+                ours["vrwkv-bf16"] = (RWKV7.from_checkpoint(path, dtype=torch.bfloat16).use_wkv_backend(wkv_backend)
+                                      .optimize_for_inference())
+            pkg = load_rwkv7_pkg(path)
         if pkg is None:
             log("the rwkv package is not installed: no reference rows")
         bandwidth = _read_bandwidth(timer=timer)
@@ -174,14 +172,14 @@ def run_lm_bench(
         times: dict[tuple[str, str], float] = {}
         ids = torch.tensor([prompt])
         for name, model in ours.items():
-            times[(name, "prefill")] = _best_of(lambda: model(ids, logits="last"), repeats, timer)
+            times[(name, "prefill")] = best_of(lambda: model(ids, logits="last"), repeats, timer)
             _, state = model(ids, logits="last")
-            times[(name, "decode")] = _best_of(lambda: _decode_ours(model, state, decode_tokens), repeats, timer)
+            times[(name, "decode")] = best_of(lambda: _decode_ours(model, state, decode_tokens), repeats, timer)
             log(f"{name}: prefill {T / times[(name, 'prefill')]:.1f} tok/s")
         if pkg is not None:
-            times[("rwkv-pkg", "prefill")] = _best_of(lambda: pkg.forward(prompt, None), repeats, timer)
+            times[("rwkv-pkg", "prefill")] = best_of(lambda: pkg.forward(prompt, None), repeats, timer)
             _, pstate = pkg.forward(prompt, None)
-            times[("rwkv-pkg", "decode")] = _best_of(lambda: _decode_pkg(pkg, pstate, decode_tokens), repeats, timer)
+            times[("rwkv-pkg", "decode")] = best_of(lambda: decode_pkg(pkg, pstate, decode_tokens), repeats, timer)
     finally:
         torch.set_num_threads(old_threads)
 
@@ -211,27 +209,3 @@ def _decode_ours(model: Any, state: Any, n: int) -> None:
         tok = int(out[0, -1].argmax())
 
 
-def _decode_pkg(pkg: Any, state: list[torch.Tensor], n: int) -> None:
-    """The same with the rwkv package (which updates its state list in place: copy it)."""
-    state = [s.clone() for s in state]
-    tok = 0
-    for _ in range(n):
-        out, state = pkg.forward(tok, state)
-        tok = int(out.argmax())
-
-
-def _load_rwkv_pkg(path: Path) -> Any:
-    """The `rwkv` package's RWKV-7 on `path` (cpu fp32), or None if it is not installed.
-
-    RWKV_V7_ON must be set before its first import; its loader prints, so stdout is muted.
-    """
-    os.environ["RWKV_V7_ON"] = "1"
-    os.environ.setdefault("RWKV_JIT_ON", "1")
-    os.environ["RWKV_CUDA_ON"] = "0"
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            from rwkv.model import RWKV
-
-            return RWKV(model=str(path)[: -len(".pth")], strategy="cpu fp32")
-    except ImportError:
-        return None

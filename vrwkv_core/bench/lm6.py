@@ -13,26 +13,24 @@ set RWKV_V7_ON), with RWKV_JIT_ON=0, RWKV_CUDA_ON=0 and strategy "cpu fp32". Bot
 
 Rows: {"model": "vrwkv-rwkv6" | "rwkv-pkg-rwkv6", "phase", "tokens_per_s", "ratio" (ours /
 rwkv-pkg, same phase), "threads", "shape"}. The same subprocess runner gives the parity
-tests their reference logits (`rwkv_pkg_run`).
+tests their reference logits (`rwkv_pkg.rwkv_pkg_run`).
 
     python -c "from vrwkv_core.bench.lm6 import run_rwkv6_bench; print(run_rwkv6_bench())"
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 import torch
 
+from vrwkv_core.bench.lm import best_of, random_lm_weights
+from vrwkv_core.bench.rwkv_pkg import rwkv_pkg_run
 from vrwkv_core.config import RWKVSection
+from vrwkv_core.model.rwkv.rwkv6 import RWKV6
 from vrwkv_core.progress import Progress
 
 SHAPE_1B6 = RWKVSection(version="x060", n_layer=24, n_embd=2048, head_size=64, vocab_size=65536)
@@ -43,9 +41,6 @@ def random_rwkv6_weights(cfg: RWKVSection, seed: int = 0, dtype: torch.dtype = t
     unit-gain matrices, token-shift mixes in [0, 1], decay exponents spread over [-6, 2.5]
     (so some channels forget almost at once, as trained ones do), a few exponents at 5
     (decay exactly 0 in float32), non-trivial LoRAs and bonus."""
-    from vrwkv_core.bench.lm import random_lm_weights
-    from vrwkv_core.model.rwkv6 import RWKV6
-
     C = cfg.n_embd
 
     def rules(name: str, leaf: str, shape: tuple, randn: Callable, uniform: Callable) -> torch.Tensor | None:
@@ -65,94 +60,6 @@ def random_rwkv6_weights(cfg: RWKVSection, seed: int = 0, dtype: torch.dtype = t
     return random_lm_weights(shapes, seed, dtype, rules)
 
 
-_PKG_SCRIPT = r"""
-import json, sys, time
-import torch
-args = json.load(open(sys.argv[1]))
-torch.set_num_threads(args["threads"])
-from rwkv.model import RWKV
-model = RWKV(model=args["model"], strategy="cpu fp32")
-prompt, steps = args["prompt"], args["steps"]
-out = {}
-with torch.no_grad():
-    if args["timing"]:
-        model.forward(prompt[:16], None)
-        best = float("inf")
-        for _ in range(args["repeats"]):
-            t0 = time.perf_counter(); model.forward(prompt, None); best = min(best, time.perf_counter() - t0)
-        out["prefill_s"] = best
-    logits, state = model.forward(prompt, None, full_output=args["full_output"])
-    logits = logits.view(-1, logits.shape[-1])
-    seq = [logits.clone()]
-    tokens = []
-    tok = int(logits[-1].argmax())
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        tokens.append(tok)
-        o, state = model.forward([tok], state)
-        seq.append(o.view(1, -1).clone())
-        tok = int(o.argmax())
-    out["decode_s"] = time.perf_counter() - t0
-out["tokens"] = tokens
-if args["save_logits"]:
-    torch.save({"prefill": seq[0], "steps": torch.cat(seq[1:]) if steps else None}, args["out"])
-json.dump(out, open(args["out"] + ".json", "w"))
-"""
-
-
-def rwkv_pkg_run(
-    path: str | Path,
-    prompt: Sequence[int],
-    steps: int,
-    threads: int = 2,
-    timing: bool = False,
-    repeats: int = 1,
-    full_output: bool = True,
-    save_logits: bool = True,
-    timeout: float = 1800.0,
-) -> dict[str, Any]:
-    """Runs the `rwkv` package (x060, cpu fp32) on a `.pth` in a subprocess: a prefill of
-    `prompt`, then `steps` greedy single-token steps. Returns {"tokens": the greedy ids fed,
-    "prefill": logits [T or 1, V], "steps": logits [steps, V], "prefill_s", "decode_s"}.
-
-    Raises ImportError when the package is missing, RuntimeError when the run fails.
-    """
-    import importlib.util
-
-    if importlib.util.find_spec("rwkv") is None:
-        raise ImportError("the `rwkv` package is not installed (pip install rwkv)")
-    path = Path(path)
-    if path.suffix != ".pth":
-        raise ValueError(f"{path}: the rwkv package loads `.pth` files")
-    env = {k: v for k, v in os.environ.items() if k != "RWKV_V7_ON"}
-    env.update(RWKV_JIT_ON="0", RWKV_CUDA_ON="0")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "out.pt")
-        args = {"model": str(path)[: -len(".pth")], "prompt": list(map(int, prompt)), "steps": steps,
-                "threads": threads, "timing": timing, "repeats": repeats, "full_output": full_output,
-                "save_logits": save_logits, "out": out}  # fmt: skip
-        (Path(tmp) / "args.json").write_text(json.dumps(args))
-        (Path(tmp) / "run.py").write_text(_PKG_SCRIPT)
-        proc = subprocess.run([sys.executable, str(Path(tmp) / "run.py"), str(Path(tmp) / "args.json")],
-                              env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            raise RuntimeError("rwkv package run failed: " + " | ".join(tail))
-        result: dict[str, Any] = json.loads(Path(out + ".json").read_text())
-        if save_logits:
-            result.update(torch.load(out, weights_only=True))
-    return result
-
-
-def _best_of(fn, repeats: int) -> float:
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 @torch.no_grad()
 def run_rwkv6_bench(
     threads: int = 2,
@@ -169,8 +76,6 @@ def run_rwkv6_bench(
     steps. Also checks the two greedy continuations agree ("greedy_match" on our fp32 row);
     `bf16` adds rows for our model with bfloat16 weights.
     """
-    from vrwkv_core.model.rwkv6 import RWKV6
-
     cfg = cfg or SHAPE_1B6
     torch.set_num_threads(threads)
     log = progress.log if progress is not None else (lambda msg: None)
@@ -190,7 +95,7 @@ def run_rwkv6_bench(
             model = RWKV6.from_checkpoint(path, dtype=dtype)
             log(f"{shape}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, {dtype}")
             model(ids[:, :16], logits="last")  # warm-up
-            times[(name, "prefill")] = _best_of(lambda: model(ids, logits="last"), repeats)
+            times[(name, "prefill")] = best_of(lambda: model(ids, logits="last"), repeats)
             out, state = model(ids, logits="last")
             model.optimize_for_inference()  # the CPU decoding layout
             model(torch.tensor([[0]]), state=state)  # warm-up

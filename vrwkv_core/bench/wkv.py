@@ -3,7 +3,7 @@
 The sequential loop (`reference`) against the chunk-parallel form (`chunked`) on the CPU
 with `torch.set_num_threads(threads)`, forward alone and forward + backward (the gradient
 of a random linear function of y and the final state, to every input and the initial
-state). When CUDA is available and `vrwkv_core.kernels.cuda` builds, `cuda` rows follow
+state). When CUDA is available and `vrwkv_core.kernels.wkv7.cuda` builds, `cuda` rows follow
 (timed with synchronisation; their speedup is still over the CPU loop).
 
 Rows: {"backend", "device", "pass": "fwd" | "fwd+bwd", "ms" (best of `repeats`),
@@ -21,6 +21,9 @@ from typing import Any
 
 import torch
 
+from vrwkv_core.kernels.wkv7 import cuda
+from vrwkv_core.kernels.wkv7.chunked import wkv7_chunked
+from vrwkv_core.kernels.wkv7.reference import wkv7_reference
 from vrwkv_core.progress import Progress
 
 
@@ -79,8 +82,6 @@ def _cuda_backend(N: int) -> Callable | None:
     try:
         if not torch.cuda.is_available():
             return None
-        from vrwkv_core.kernels import cuda
-
         if not cuda.is_available(N):
             return None
         return cuda.wkv7_cuda
@@ -98,9 +99,6 @@ def run_wkv_bench(
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """Times reference vs chunked (and cuda when present), fwd and fwd+bwd; returns rows."""
-    from vrwkv_core.kernels.chunked import wkv7_chunked
-    from vrwkv_core.kernels.reference import wkv7_reference
-
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

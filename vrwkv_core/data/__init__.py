@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vrwkv_core.data import dataset
 from vrwkv_core.data.archive import ExtractReport, extract_archive
 from vrwkv_core.data.conversation import (
     IGNORE_INDEX,
@@ -31,8 +32,6 @@ _LAZY = {"VisionLanguageDataset", "collate", "ResumableSampler", "record_images"
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from vrwkv_core.data import dataset
-
         return getattr(dataset, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from vrwkv_core.data.conversation import IGNORE_INDEX, PAD_TOKEN_ID, Tokenizer, encode_conversation_info
@@ -105,8 +106,6 @@ class VisionLanguageDataset(Dataset):
             raise DataError(f"{self.records_path}: record {index} is not valid JSON ({e.msg})") from None
 
     def _load_image(self, rel: str, index: int) -> Any:
-        from PIL import Image
-
         path = self.image_folder / rel
         try:
             with Image.open(path) as im:

@@ -37,6 +37,7 @@ from vrwkv_core.data.validate import INVALID_JSON, CheckResult, ImageLimits, Rec
 from vrwkv_core.errors import DataError
 from vrwkv_core.fsutil import atomic_open, atomic_write_text
 from vrwkv_core.progress import Progress
+from vrwkv_core.tokenizer import RWKVTokenizer
 
 CHUNK_SIZE = 256
 INFLIGHT_PER_WORKER = 4
@@ -55,8 +56,6 @@ class PrepareReport:
 
 
 def _default_tokenizer_factory() -> Tokenizer:
-    from vrwkv_core.tokenizer import RWKVTokenizer
-
     return RWKVTokenizer()
 
 

@@ -28,6 +28,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image, ImageDraw
+
 from vrwkv_core.errors import DataError
 from vrwkv_core.fsutil import atomic_write_bytes, atomic_write_text
 from vrwkv_core.progress import Progress
@@ -61,8 +63,6 @@ def random_scene(rng: random.Random) -> list[Shape]:
 
 def render(scene: list[Shape], rng: random.Random) -> bytes:
     """PNG bytes of the scene (each shape 16-26 px, jittered inside its quadrant)."""
-    from PIL import Image, ImageDraw
-
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = ImageDraw.Draw(img)
     half = IMAGE_SIZE // 2

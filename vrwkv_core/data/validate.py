@@ -16,12 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from vrwkv_core.data.conversation import (
-    IMAGE_MARKER,
-    Tokenizer,
-    encode_conversation_info,
-    normalize_turn_text,
-)
+from PIL import Image
+
+from vrwkv_core.data.conversation import IMAGE_MARKER, Tokenizer, encode_conversation_info, normalize_turn_text
 
 # Reject categories (keys of stats.json's "reject_reasons").
 INVALID_JSON = "invalid json"
@@ -77,8 +74,6 @@ class Reject(Exception):
 
 def check_image_file(path: Path, limits: ImageLimits) -> None:
     """Raise Reject unless `path` decodes fully and has a sane size."""
-    from PIL import Image
-
     if not path.is_file():
         raise Reject(MISSING_IMAGE, str(path))
     try:

@@ -27,6 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from PIL import Image
+
+from vrwkv_core.checkpoint import read_recipe
+from vrwkv_core.config import RWKV_VERSIONS
 from vrwkv_core.errors import DataError, VrwkvError
 from vrwkv_core.eval.answers import Answer, parse_answer_line, write_answers
 from vrwkv_core.eval.benchmarks import Benchmark, ScoreResult, get_benchmark
@@ -41,7 +45,12 @@ from vrwkv_core.eval.questions import (
     resolve_paths,
 )
 from vrwkv_core.fsutil import atomic_path, atomic_write_text
+from vrwkv_core.infer.chat import load_image
+from vrwkv_core.infer.loading import load_model
+from vrwkv_core.infer.sampling import GenerationConfig
+from vrwkv_core.model.families import family
 from vrwkv_core.progress import Progress
+from vrwkv_core.tokenizer import default_tokenizer
 
 if TYPE_CHECKING:
     from vrwkv_core.tokenizer import RWKVTokenizer
@@ -210,12 +219,10 @@ def default_prompt_style(model: Any) -> str | None:
         path = Path(model).expanduser()
         if not (path.is_dir() and (path / "config.yaml").is_file()):
             return None
-        from vrwkv_core.model.checkpoint import read_recipe
-
         version = read_recipe(path).model.rwkv.version
     else:
-        version = getattr(getattr(getattr(model, "config", None), "rwkv", None), "version", "x070")
-    return "v6" if version == "x060" else "v7"
+        version = getattr(getattr(getattr(model, "config", None), "rwkv", None), "version", RWKV_VERSIONS[0])
+    return family(version).prompt_style
 
 
 def _check_run_record(out: Path, record: dict[str, Any]) -> None:
@@ -249,6 +256,7 @@ def run_eval(
     prompt_style: str | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     download: bool = False,
+    wkv_backend: str | None = None,
     progress: Progress | None = None,
 ) -> EvalReport:
     """Answers the benchmark's questions not yet answered in `out`, then merges and scores
@@ -275,9 +283,7 @@ def run_eval(
     if prompt_style is None:
         prompt_style = default_prompt_style(model)
         if prompt_style is None:  # a checkpoint file or a registry name: its tensors tell
-            from vrwkv_core.infer.loading import load_model
-
-            vlm = load_model(model, device=device, dtype=dtype, download=download)
+            vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend)
             prompt_style = default_prompt_style(vlm)
     _check_run_record(out, {"benchmark": bench.name, "data_root": str(paths.root.resolve()), "model": str(model),
                             "model_id": model_id, "prompt_style": prompt_style, "max_new_tokens": max_new_tokens})  # fmt: skip
@@ -298,10 +304,8 @@ def run_eval(
     todo = [q for q in todo if q.image is None or (paths.images / q.image).is_file()]
 
     if todo:
-        from vrwkv_core.infer.loading import load_model
-
         if vlm is None:
-            vlm = load_model(model, device=device, dtype=dtype, download=download)
+            vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend)
         _generate(vlm, bench, todo, paths, target, model_id, prompt_style, max_new_tokens, batch_size, report,
                   progress, len(absent))  # fmt: skip
 
@@ -329,8 +333,6 @@ def _generate(vlm: Any, bench: Benchmark, todo: list[Question], paths: EvalPaths
     """Answers `todo`, appending each answer to `target` as it finishes."""
     import importlib
 
-    from vrwkv_core.infer.sampling import GenerationConfig
-    from vrwkv_core.tokenizer import default_tokenizer
 
     # the module (the package re-exports a function of the same name); looked up at call time
     infer = importlib.import_module("vrwkv_core.infer.generate")
@@ -369,14 +371,10 @@ def _build_input(vlm: Any, tok: RWKVTokenizer, bench: Benchmark, q: Question, pa
     P = vlm.tokens_per_image
     if q.image is None:
         return encode_prompt(text, tok, P, 0, style), None, None
-    from vrwkv_core.infer.chat import load_image
-
     error = None
     try:
         image = load_image(paths.images / q.image)
     except DataError as err:
-        from PIL import Image
-
         error, image = str(err), Image.new("RGB", (32, 32))
     views = vlm.image_processor.views(image)
     return encode_prompt(text, tok, P, len(views), style), vlm.image_processor.batch(views), error

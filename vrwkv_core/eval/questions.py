@@ -31,7 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vrwkv_core.data.conversation import IMAGE_MARKER, collapse_blank_lines, encode_generation_prompt, normalize_turn_text
+from vrwkv_core.data.conversation import (
+    IMAGE_MARKER,
+    collapse_blank_lines,
+    encode_generation_prompt,
+    normalize_turn_text,
+)
 from vrwkv_core.errors import DataError, VrwkvError
 from vrwkv_core.eval.benchmarks import OPTION_LETTER, Benchmark, get_benchmark, read_json, read_jsonl
 

@@ -9,8 +9,8 @@
 """
 
 from vrwkv_core.hub.fetch import download, offline, resolve
-from vrwkv_core.hub.registry import Artifact, ArtifactFile, get_artifact, list_artifacts
 from vrwkv_core.hub.integrity import FileCheck, VerifyReport, find_local, local_status, verify
+from vrwkv_core.hub.registry import Artifact, ArtifactFile, get_artifact, list_artifacts
 
 __all__ = [
     "Artifact",

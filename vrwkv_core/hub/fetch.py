@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from vrwkv_core.errors import DownloadError
-from vrwkv_core.hub.registry import Artifact, get_artifact, list_artifacts, strip_prefix
 from vrwkv_core.hub.integrity import check_file, find_local, raise_on_mismatch
+from vrwkv_core.hub.registry import Artifact, get_artifact, list_artifacts, strip_prefix
 from vrwkv_core.paths import hf_cache_dir
 from vrwkv_core.progress import NULL_PROGRESS, Progress
 

@@ -39,16 +39,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from PIL import Image
 
+from vrwkv_core.data.conversation import IMAGE_MARKER, encode_generation_prompt
 from vrwkv_core.errors import CheckpointError, DataError, VrwkvError
 from vrwkv_core.fsutil import atomic_write_text
 from vrwkv_core.infer.generate import Generation, GenerationResult, prefill
 from vrwkv_core.infer.sampling import DOUBLE_NEWLINE, IMAGE_TOKEN_ID, GenerationConfig, make_config
+from vrwkv_core.model.rwkv.state import RWKVState
+from vrwkv_core.tokenizer import default_tokenizer
 
 if TYPE_CHECKING:
-    from PIL import Image
-
-    from vrwkv_core.model.state import RWKVState
     from vrwkv_core.tokenizer import RWKVTokenizer
 
 MAX_IMAGE_PIXELS = 100_000_000
@@ -65,8 +66,6 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> I
 
     The size is checked from the header before any pixel is decoded.
     """
-    from PIL import Image
-
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"{path}: image file not found")
@@ -103,7 +102,8 @@ def image_key(image: Image.Image) -> str:
 @dataclass
 class _Image:
     key: str
-    image: Image.Image
+    views: list[Image.Image]
+    """What the model sees of it: the image, or with tiling its global view + tiles (made once)."""
 
 
 class ChatSession:
@@ -121,8 +121,6 @@ class ChatSession:
         `ctx_len`: the training context, past which `ask` warns (ContextLengthWarning);
         `cache_size`: image sets whose post-image state is kept (least recently used out)."""
         if tokenizer is None:
-            from vrwkv_core.tokenizer import default_tokenizer
-
             tokenizer = default_tokenizer()
         self.vlm = vlm
         self.tok = tokenizer
@@ -164,7 +162,7 @@ class ChatSession:
             image = load_image(image)  # type: ignore[arg-type]
         rgb = image.convert("RGB")
         key = image_key(rgb)
-        self._queued.append(_Image(key, rgb))
+        self._queued.append(_Image(key, self.vlm.image_processor.views(rgb)))
         return key
 
     # asking -------------------------------------------------------------------------------
@@ -175,8 +173,6 @@ class ChatSession:
         Returns the streaming answer: iterate it for text pieces; `.result` afterwards.
         Options are `GenerationConfig` fields (max_new_tokens, temperature, top_p, ...).
         """
-        from vrwkv_core.data.conversation import IMAGE_MARKER, encode_generation_prompt
-
         question = text.replace(IMAGE_MARKER, "").strip()
         if not question:
             raise VrwkvError("empty prompt: type a question")
@@ -184,7 +180,7 @@ class ChatSession:
         self._close_active()
         t0 = time.perf_counter()
         images = self._queued
-        n_slots = [len(self.vlm.image_processor.views(im.image)) for im in images]
+        n_slots = [len(im.views) for im in images]
         P = self.vlm.tokens_per_image
         position = getattr(self.vlm.config, "image_position", "first")
         ids = encode_generation_prompt(question, self.tok, P, n_images=sum(n_slots), image_position=position)
@@ -252,9 +248,7 @@ class ChatSession:
         return prefill(self.vlm, ids[split:], None, state)
 
     def _process(self, images: list[_Image]) -> dict[str, torch.Tensor]:
-        proc = self.vlm.image_processor
-        views = [v for im in images for v in proc.views(im.image)]
-        return proc.batch(views)
+        return self.vlm.image_processor.batch([v for im in images for v in im.views])
 
     def _check_context(self) -> None:
         if self.ctx_len and self.n_tokens > self.ctx_len and not self._warned:
@@ -294,8 +288,6 @@ class ChatSession:
 
     def load_state(self, path: str | os.PathLike) -> None:
         """Restores a conversation written by `save_state` (queued images are dropped)."""
-        from vrwkv_core.model.state import RWKVState
-
         path = Path(path).expanduser()
         meta_path = _meta_path(path)
         if not path.is_file():

@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from vrwkv_core.infer.sampling import GenerationConfig, Sampler, make_config
+from vrwkv_core.model.rwkv.state import RWKVState
 from vrwkv_core.progress import Progress
 
 if TYPE_CHECKING:
-    from vrwkv_core.model.state import RWKVState
     from vrwkv_core.tokenizer import RWKVTokenizer
 
 FINISH_REASONS = ("stop_token", "stop_string", "length", "interrupted")
@@ -378,8 +378,6 @@ def generate_many(
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image entries")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    from vrwkv_core.model.state import RWKVState
-
     lm = language_model(model)
     stops = set(cfg.stop_tokens)
     queue = list(range(len(prompts)))[::-1]  # pop() takes the next prompt in order

@@ -1,7 +1,7 @@
 """Resolve a `--model` argument (our output dir, a released .pth, a registry name) to a model.
 
 - A directory with `config.yaml` + `model.safetensors` (what a training stage writes),
-  or a `.pth` / `.safetensors` file: `vrwkv_core.model.checkpoint.load_visual_rwkv`
+  or a `.pth` / `.safetensors` file: `vrwkv_core.checkpoint.load_visual_rwkv`
   (strict; built on the meta device, the file's tensors assigned without a random init).
 - Anything else goes through `vrwkv_core.hub.resolve` (offline and absent: a DownloadError
   naming the `vrwkv download NAME` command; `download=True` fetches it).
@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vrwkv_core.checkpoint import load_visual_rwkv
 from vrwkv_core.errors import CheckpointError, VrwkvError
+from vrwkv_core.hub import resolve
 
 if TYPE_CHECKING:
     from vrwkv_core.model.visual_rwkv import VisualRWKV
@@ -59,21 +61,24 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     download: bool = False,
+    wkv_backend: str | None = None,
 ) -> VisualRWKV:
-    """A ready-to-run VisualRWKV (eval mode) for a dir, a checkpoint file or a registry name."""
+    """A ready-to-run VisualRWKV (eval mode) for a dir, a checkpoint file or a registry name;
+    `wkv_backend` overrides the model's `model.rwkv.wkv_backend` (None keeps it)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = Path(str(spec)).expanduser()
     if not path.exists():
-        from vrwkv_core.hub import resolve
-
         path = Path(resolve(str(spec), download=download))
         if not path.exists():
             raise CheckpointError(f"{spec}: no such model directory or file",
                                   hint="pass an output dir (config.yaml + model.safetensors), a .pth, or a registry name")  # fmt: skip
-    from vrwkv_core.model.checkpoint import load_visual_rwkv
-
     vlm = load_visual_rwkv(path, device=dev, dtype=dt).eval()
+    if wkv_backend is not None:
+        try:
+            vlm.rwkv.use_wkv_backend(wkv_backend)
+        except ValueError as err:
+            raise VrwkvError(f"--wkv-backend: {err}") from None
     if dev.type == "cpu":
         vlm.rwkv.optimize_for_inference()
     return vlm

@@ -1,4 +1,4 @@
-"""VisualRWKV: vision towers + projector + RWKV-7, joined by image-token splicing.
+"""VisualRWKV: vision towers + projector + an RWKV LM (RWKV-7 or RWKV-6), joined by image-token splicing.
 
 Token ids carry `IMAGE_TOKEN_ID` (65535) placeholders, `tokens_per_image` per image.
 `forward` embeds the ids (placeholders read row 0, then get overwritten), encodes the
@@ -21,15 +21,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from vrwkv_core.config import ModelSection
 from vrwkv_core.errors import DataError
+from vrwkv_core.model.families import Family, family
 from vrwkv_core.model.projector import build_projector
-from vrwkv_core.model.rwkv7 import RWKV7
+from vrwkv_core.model.rwkv.state import RWKVState
 from vrwkv_core.model.vision import ImageProcessor, VisionTowers
+from vrwkv_core.model.vision.clip import clip_patch_spans
 from vrwkv_core.tokenizer import IMAGE_TOKEN_ID
 
 if TYPE_CHECKING:
-    from vrwkv_core.config import ModelSection, Recipe
-    from vrwkv_core.model.state import RWKVState
+    from vrwkv_core.config import Recipe
 
 __all__ = ["IMAGE_TOKEN_ID", "VisualRWKV", "splice_image_features"]
 
@@ -72,22 +74,17 @@ def splice_image_features(
 
 
 class VisualRWKV(nn.Module):
-    """The whole model: `.rwkv` (RWKV7), `.vit` (VisionTowers), `.proj`, `.image_processor`.
+    """The whole model: `.rwkv` (the family's LM: RWKV7 or RWKV6), `.vit` (VisionTowers), `.proj`, `.image_processor`.
 
     State-dict names follow the released files: `rwkv.*`, `vit.<tower>_featurizer.*`,
-    `proj.*` (see `vision.released_to_ours` for SAM's MLP names).
+    `proj.*` (see `checkpoint.formats` for the key maps of released files).
     """
 
     def __init__(self, model_cfg: ModelSection) -> None:
         super().__init__()
         self.config = model_cfg
         self.tokens_per_image = model_cfg.tokens_per_image
-        if model_cfg.rwkv.version == "x060":
-            from vrwkv_core.model.rwkv6 import RWKV6
-
-            self.rwkv = RWKV6(model_cfg.rwkv)
-        else:
-            self.rwkv = RWKV7(model_cfg.rwkv)
+        self.rwkv = family(model_cfg.rwkv.version).lm_class(model_cfg.rwkv)
         self.vit = VisionTowers(model_cfg.vision, model_cfg.tokens_per_image)
         self.proj = build_projector(model_cfg.projector.type, self.vit.embed_dim, model_cfg.rwkv.n_embd)
         self.image_processor = ImageProcessor(model_cfg.vision)
@@ -97,15 +94,20 @@ class VisualRWKV(nn.Module):
         cls, path_or_dir: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> "VisualRWKV":
         """Loads a released v7.00 `.pth`, one of our model dirs, or `hub:NAME` (strictly)."""
-        from vrwkv_core.model.checkpoint import load_visual_rwkv
+        from vrwkv_core.checkpoint.load import load_visual_rwkv  # the one way into checkpoint/
 
         return load_visual_rwkv(path_or_dir, device, dtype)
 
     def save_pretrained(self, out_dir: str | Path, recipe: "Recipe") -> Path:
         """Writes model.safetensors + config.yaml (the recipe) to out_dir, atomically."""
-        from vrwkv_core.model.checkpoint import save_pretrained
+        from vrwkv_core.checkpoint.ours import save_pretrained  # the one way into checkpoint/
 
         return save_pretrained(self, out_dir, recipe)
+
+    @property
+    def family(self) -> Family:
+        """The LM family (`model.families.FAMILIES[config.rwkv.version]`)."""
+        return family(self.config.rwkv.version)
 
     @property
     def device(self) -> torch.device:
@@ -166,7 +168,7 @@ class VisualRWKV(nn.Module):
         image_counts: torch.Tensor | None = None,
         state: RWKVState | None = None,
         logits: str = "all",
-        backend: str = "auto",
+        backend: str | None = None,
     ) -> tuple[torch.Tensor, RWKVState]:
         """ids [B, T] with placeholders + images {tower: [N, 3, S, S]} + image_counts [B] -> LM output.
 
@@ -176,9 +178,7 @@ class VisualRWKV(nn.Module):
         """
         embeds = self.embed(input_ids, images, image_counts)
         extra = {}
-        if self.config.rwkv.version == "x060":  # v6.0: odd layers scan each image's patch rows backwards
-            from vrwkv_core.model.clip import clip_patch_spans
-
+        if self.family.reverse_image_rows:  # v6.0: odd layers scan each image's patch rows backwards
             ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
             extra["reverse_spans"] = clip_patch_spans(ids, IMAGE_TOKEN_ID, self.tokens_per_image)
         return self.rwkv(embeds=embeds, state=state, logits=logits, backend=backend, **extra)
@@ -190,7 +190,7 @@ class VisualRWKV(nn.Module):
         images: dict[str, torch.Tensor] | None = None,
         image_counts: torch.Tensor | None = None,
         state: RWKVState | None = None,
-        backend: str = "auto",
+        backend: str | None = None,
     ) -> tuple[torch.Tensor, RWKVState]:
         """Runs a prompt (from `state`) for chat/eval: (logits of the last token [B, V], state)."""
         out, state = self.forward(input_ids, images, image_counts, state=state, logits="last", backend=backend)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from vrwkv_core.train.runner import run_stage as _run
+
 
 def run_stage(*args: Any, **kwargs: Any) -> Any:
     """Runs one stage of a recipe (see vrwkv_core.train.runner.run_stage)."""
-    from vrwkv_core.train.runner import run_stage as _run
-
     return _run(*args, **kwargs)

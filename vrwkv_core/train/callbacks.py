@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import pytorch_lightning as pl
 import torch
 
+from vrwkv_core.checkpoint import save_pretrained
+from vrwkv_core.config import recipe_to_dict
 from vrwkv_core.errors import CheckpointError
 from vrwkv_core.fsutil import atomic_path, atomic_write_text
 from vrwkv_core.progress import NULL_PROGRESS, Progress
@@ -76,8 +78,6 @@ class StageMonitor(pl.Callback):
 
     # -- checkpoint state --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        from vrwkv_core.config import recipe_to_dict
-
         return {"recipe": recipe_to_dict(self.recipe), "rng": self._rng_saved,
                 "bad_in_row": self.bad_in_row, "bad_total": self.bad_total}  # fmt: skip
 
@@ -167,8 +167,6 @@ class StageMonitor(pl.Callback):
     # -- outputs ---------------------------------------------------------------------
     def save_resumable(self, trainer: pl.Trainer) -> None:
         """last.ckpt (all ranks take part), then metrics.csv and loss.png (rank 0)."""
-        from vrwkv_core.config import recipe_to_dict
-
         self._rng_saved = rng.gather(rng.capture())
         # The next batch starts from the saved state, so a resumed run matches an unbroken one.
         self._rng_next = self._rng_saved[trainer.global_rank if len(self._rng_saved) > 1 else 0]
@@ -217,8 +215,6 @@ class StageMonitor(pl.Callback):
 
     def finish(self, trainer: pl.Trainer, module: Any, started: float) -> None:
         """After fit: last.ckpt, the model dir (config.yaml + model.safetensors), metrics, plot."""
-        from vrwkv_core.model.checkpoint import save_pretrained
-
         self.save_resumable(trainer)
         model = _model_for_saving(trainer, module)  # a collective under ZeRO-3
         if trainer.is_global_zero:

@@ -6,10 +6,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, Subset
+
+from vrwkv_core.data.dataset import ResumableSampler, VisionLanguageDataset, collate
+from vrwkv_core.tokenizer import default_tokenizer
 
 if TYPE_CHECKING:
     from vrwkv_core.config import Recipe
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded train/validation split of range(n); validation is empty for tiny data or 0."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g).tolist()
+    n_val = round(n * val_fraction) if n > 1 else 0
+    n_val = min(max(n_val, 1 if val_fraction > 0 and n > 1 else 0), n - 1)
+    return sorted(order[n_val:]), sorted(order[:n_val])
 
 
 class StageData(pl.LightningDataModule):
@@ -17,10 +30,6 @@ class StageData(pl.LightningDataModule):
 
     def __init__(self, recipe: "Recipe", stage: str, paths: dict[str, Path], image_processor: Callable, tokens_per_image: int) -> None:
         super().__init__()
-        from vrwkv_core.data.dataset import VisionLanguageDataset
-        from vrwkv_core.tokenizer import default_tokenizer
-        from vrwkv_core.train.runner import split_indices
-
         self.recipe = recipe
         self.stage = getattr(recipe, stage)
         self.dataset = VisionLanguageDataset(
@@ -33,8 +42,6 @@ class StageData(pl.LightningDataModule):
         self._pending_state: dict | None = None
 
     def _loader(self, subset: Subset, sampler: Any, shuffle: bool = False) -> DataLoader:
-        from vrwkv_core.data.dataset import collate
-
         workers = self.recipe.data.num_workers
         return DataLoader(
             subset, batch_size=self.stage.micro_batch, sampler=sampler, collate_fn=collate,
@@ -42,8 +49,6 @@ class StageData(pl.LightningDataModule):
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        from vrwkv_core.data.dataset import ResumableSampler
-
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         self.sampler = ResumableSampler(len(self.train_idx), seed=self.stage.seed, rank=rank, world_size=world)
         if self._pending_state is not None:
@@ -52,8 +57,6 @@ class StageData(pl.LightningDataModule):
         return self._loader(Subset(self.dataset, self.train_idx), self.sampler)
 
     def val_dataloader(self) -> DataLoader | list:
-        from vrwkv_core.data.dataset import ResumableSampler
-
         if not self.val_idx:
             return []
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)

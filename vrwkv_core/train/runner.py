@@ -23,9 +23,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vrwkv_core.checkpoint import build_from_parts, load_checkpoint
+from vrwkv_core.config import recipe_to_dict
+from vrwkv_core.data.shapes import prepare_shapes
 from vrwkv_core.errors import CheckpointError, DataError, RecipeError
+from vrwkv_core.hub import resolve
 from vrwkv_core.progress import NULL_PROGRESS, Progress
-from vrwkv_core.train.checkpoints import LAST, PREV
+from vrwkv_core.train.callbacks import StageMonitor, format_table
+from vrwkv_core.train.checkpoints import LAST, PREV, find_resumable, recipe_drift
+from vrwkv_core.train.data import StageData
+from vrwkv_core.train.failures import is_out_of_memory, out_of_memory_error, sigterm_stop
+from vrwkv_core.train.module import StageModule, parameter_table
+from vrwkv_core.train.strategy import trainer_hardware
 
 if TYPE_CHECKING:
     from vrwkv_core.config import Recipe
@@ -48,8 +57,6 @@ def check_inputs(recipe: "Recipe", stage: str, resume: bool, progress: Progress)
     st = getattr(recipe, stage)
     paths = stage_paths(recipe, stage)
     if not paths["records"].is_file() and recipe.data.synthetic and not paths["root"].exists():
-        from vrwkv_core.data.shapes import prepare_shapes
-
         progress.log(f"preparing the synthetic shapes data in {paths['root']}")
         prepare_shapes(paths["root"])
     if not paths["records"].is_file():
@@ -65,8 +72,6 @@ def check_inputs(recipe: "Recipe", stage: str, resume: bool, progress: Progress)
             raise CheckpointError(f"{init}: {stage}.init_from has no model.safetensors", hint=hint)
         paths["init"] = init
     elif recipe.model.rwkv.checkpoint:
-        from vrwkv_core.hub import resolve
-
         lm = resolve(recipe.model.rwkv.checkpoint)
         if not lm.is_file():
             raise CheckpointError(f"{lm}: model.rwkv.checkpoint not found")
@@ -81,44 +86,16 @@ def check_inputs(recipe: "Recipe", stage: str, resume: bool, progress: Progress)
     return paths
 
 
-def build_model(recipe: "Recipe", paths: dict[str, Path]) -> "VisualRWKV":
-    """A fresh model, or the previous stage's, with LM and tower weights where the recipe names them."""
-    from vrwkv_core.model.visual_rwkv import VisualRWKV
-
+def build_model(recipe: Recipe, paths: dict[str, Path]) -> VisualRWKV:
+    """The previous stage's model (`init_from`), or a new one from its parts (`build_from_parts`:
+    the recipe's LM and tower files where it names them, the rest freshly initialised)."""
     if "init" in paths:
-        init = paths["init"]
-        if init.is_dir():
-            from vrwkv_core.model.checkpoint import load_pretrained
-
-            model, _ = load_pretrained(init)
-        else:
-            model = VisualRWKV.from_checkpoint(init)
+        model, _ = load_checkpoint(paths["init"])
         # Loaders return eval mode; Lightning keeps a module's mode, so switch back (frozen
         # towers stay in eval mode: see apply_trainable).
         return model.float().train()
     torch.manual_seed(0)
-    model = VisualRWKV(recipe.model)
-    if "lm" in paths:
-        from vrwkv_core.model.rwkv7 import read_weights
-
-        from vrwkv_core.model.checkpoint import load_state_strict
-
-        load_state_strict(model.rwkv, {k: t.float() for k, t in read_weights(paths["lm"]).items()}, str(paths["lm"]))
-    for key, path in paths.items():
-        if key.startswith("tower:"):
-            from vrwkv_core.model.vision import load_tower_file
-
-            load_tower_file(model.vit, key.split(":", 1)[1], path)
-    return model
-
-
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """A seeded train/validation split of range(n); validation is empty for tiny data or 0."""
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=g).tolist()
-    n_val = round(n * val_fraction) if n > 1 else 0
-    n_val = min(max(n_val, 1 if val_fraction > 0 and n > 1 else 0), n - 1)
-    return sorted(order[n_val:]), sorted(order[:n_val])
+    return build_from_parts(recipe)
 
 
 def _quiet_lightning() -> None:
@@ -152,9 +129,6 @@ def _saved_recipe(path: Path, entry: dict[str, Any] | None) -> dict[str, Any] | 
 
 
 def _report_drift(saved: dict[str, Any] | None, recipe: "Recipe", stage: str, progress: Progress) -> None:
-    from vrwkv_core.config import recipe_to_dict
-    from vrwkv_core.train.checkpoints import recipe_drift
-
     if saved is None:
         progress.log("warning: the checkpoint holds no recipe: changes to the recipe cannot be checked")
         return
@@ -169,12 +143,6 @@ def run_stage(recipe: "Recipe", stage: str, resume: bool = False, progress: Prog
     import pytorch_lightning as pl
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from vrwkv_core.train.callbacks import StageMonitor, format_table
-    from vrwkv_core.train.checkpoints import find_resumable
-    from vrwkv_core.train.data import StageData
-    from vrwkv_core.train.failures import is_out_of_memory, out_of_memory_error, sigterm_stop
-    from vrwkv_core.train.module import StageModule, parameter_table
-    from vrwkv_core.train.strategy import trainer_hardware
 
     progress = progress or NULL_PROGRESS
     _quiet_lightning()

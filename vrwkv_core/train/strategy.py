@@ -12,6 +12,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from vrwkv_core.errors import RecipeError
+from vrwkv_core.train.deepspeed_config import deepspeed_strategy
 
 if TYPE_CHECKING:
     from vrwkv_core.config import HardwareSection
@@ -39,8 +40,6 @@ def trainer_hardware(hw: "HardwareSection", micro_batch: int | None = None) -> d
         raise RecipeError(f"hardware.devices: {hw.devices} GPUs asked for, {torch.cuda.device_count()} present")
     strategy: Any = hw.strategy
     if deepspeed:
-        from vrwkv_core.train.deepspeed_config import deepspeed_strategy
-
         strategy = deepspeed_strategy(hw, micro_batch)
     elif hw.strategy == "auto" and hw.devices * hw.nodes > 1:
         strategy = "ddp"  # one process per device (gloo on CPU, NCCL on GPU)

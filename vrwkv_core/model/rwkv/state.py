@@ -20,9 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from vrwkv_core.errors import CheckpointError
-
-_PARTS = ("att_shift", "wkv", "ffn_shift")
+PARTS = ("att_shift", "wkv", "ffn_shift")
 
 
 @dataclass
@@ -68,7 +66,7 @@ class RWKVState:
         return self.wkv[0].device
 
     def _map(self, fn) -> "RWKVState":
-        return RWKVState(*([fn(t) for t in getattr(self, part)] for part in _PARTS))
+        return RWKVState(*([fn(t) for t in getattr(self, part)] for part in PARTS))
 
     def clone(self) -> "RWKVState":
         """A deep copy."""
@@ -104,34 +102,18 @@ class RWKVState:
         if not states:
             raise ValueError("RWKVState.cat needs at least one state")
         return RWKVState(
-            *([torch.cat([getattr(s, part)[i] for s in states]) for i in range(states[0].n_layer)] for part in _PARTS)
+            *([torch.cat([getattr(s, part)[i] for s in states]) for i in range(states[0].n_layer)] for part in PARTS)
         )
 
     def save(self, path: str | Path) -> None:
         """Writes the state as safetensors (atomically: temp file + rename)."""
-        from safetensors.torch import save_file
+        from vrwkv_core.checkpoint.ours import save_state  # the one way into checkpoint/
 
-        from vrwkv_core.fsutil import atomic_path
-
-        tensors = {
-            f"{part}.{i}": t.detach().contiguous().cpu() for part in _PARTS for i, t in enumerate(getattr(self, part))
-        }
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "vrwkv-rnn-state", "n_layer": str(self.n_layer)})
+        save_state(self, path)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "RWKVState":
         """Reads a state written by `save`."""
-        from safetensors import safe_open
+        from vrwkv_core.checkpoint.ours import load_state  # the one way into checkpoint/
 
-        try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                meta = f.metadata() or {}
-                n_layer = int(meta.get("n_layer", -1))
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except Exception as err:  # safetensors raises its own error type for bad headers
-            raise CheckpointError(f"{path}: cannot read an RNN state ({err})") from None
-        expected = {f"{part}.{i}" for part in _PARTS for i in range(max(n_layer, 0))}
-        if meta.get("format") != "vrwkv-rnn-state" or set(tensors) != expected:
-            raise CheckpointError(f"{path}: not an RNN state written by RWKVState.save")
-        return cls(*([tensors[f"{part}.{i}"] for i in range(n_layer)] for part in _PARTS))
+        return load_state(path, device)

@@ -19,10 +19,8 @@ len(views) * tokens_per_image tokens of ctx_len per source image (up to 4x more)
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from PIL import Image
+from PIL import Image
 
 GRIDS: tuple[tuple[int, int], ...] = ((1, 2), (2, 1), (2, 2), (1, 3), (3, 1))
 """(cols, rows) in tiles of image_size."""
@@ -41,8 +39,6 @@ def choose_grid(width: int, height: int) -> tuple[int, int]:
 
 def tile_image(image: Image.Image, image_size: int) -> list[Image.Image]:
     """[global image, tiles row-major...]; just [image] when it fits in one tile."""
-    from PIL import Image
-
     image = image.convert("RGB")
     width, height = image.size
     if width <= image_size and height <= image_size:

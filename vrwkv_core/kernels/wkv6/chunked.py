@@ -1,20 +1,4 @@
-"""WKV-6 (RWKV-6 "Finch", x060): diagonal data-dependent decay plus a bonus for the current token.
-
-    y, final_state = wkv6(r, log_w, k, v, u, state=None, backend="auto")
-
-r, log_w, k, v are [B, T, H, N]; u (`time_faaaa`) is [H, N]; state is [B, H, N, N] float32.
-Convention (RWKV-LM's and the `rwkv` package's for x060, NOT the RWKV-7 one): per batch
-and head, S is N x N indexed S[key, value], i.e. rows index k and columns index v:
-
-    y_t = r_t^T (diag(u) k_t v_t^T + S_{t-1})        (a row vector over value channels)
-    S_t = diag(exp(log_w_t)) S_{t-1} + k_t v_t^T
-
-`log_w` is the natural log of the per-step decay, any value in [-inf, 0]. For x060 the
-model passes log_w = -exp(z), which is unbounded below: trained models have channels
-whose decay exp(-exp(z)) is 0 in float32 (x070's log_w, by contrast, is >= -exp(-0.5)).
-
-Backends: "reference" (sequential loop, float64-capable: the definition), "chunked"
-(chunk-parallel plain PyTorch, differentiable, below), "auto" (= chunked).
+"""WKV-6 chunk-parallel form in plain PyTorch (differentiable); the definition is reference.py.
 
 Chunked form. In a chunk of L steps entering with S_0 (sums per channel):
 
@@ -44,70 +28,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-BACKENDS = ("auto", "reference", "chunked")
+from vrwkv_core.kernels.common import check_inputs6, work_dtype
+
 CHUNK_LEN = 16
 SUB_LEN = 4
 LOG_W_MIN = -1000.0  # e^-1000 is 0 in float64 too: clamping here changes no value
-
-
-def wkv6(
-    r: torch.Tensor,
-    log_w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    state: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """WKV-6 over a sequence: y [B,T,H,N] (input dtype) and the final state [B,H,N,N] (key, value)."""
-    if backend in ("auto", "chunked"):
-        return wkv6_chunked(r, log_w, k, v, u, state)
-    if backend == "reference":
-        return wkv6_reference(r, log_w, k, v, u, state)
-    raise ValueError(f"unknown WKV-6 backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-
-
-def _check_shapes(r, log_w, k, v, u, state) -> None:
-    if r.dim() != 4:
-        raise ValueError(f"wkv6: r must be [B, T, H, N], got shape {tuple(r.shape)}")
-    for name, x in (("log_w", log_w), ("k", k), ("v", v)):
-        if x.shape != r.shape:
-            raise ValueError(f"wkv6: {name} has shape {tuple(x.shape)}, expected {tuple(r.shape)} like r")
-    B, _, H, N = r.shape
-    if tuple(u.shape) != (H, N):
-        raise ValueError(f"wkv6: u has shape {tuple(u.shape)}, expected {(H, N)}")
-    if state is not None and tuple(state.shape) != (B, H, N, N):
-        raise ValueError(f"wkv6: state has shape {tuple(state.shape)}, expected {(B, H, N, N)}")
-
-
-def _work_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def wkv6_reference(
-    r: torch.Tensor,
-    log_w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequential WKV-6 (the definition). float64 inputs run in float64, others in float32."""
-    _check_shapes(r, log_w, k, v, u, state)
-    B, T, H, N = r.shape
-    in_dtype, dt = r.dtype, _work_dtype(r)
-    r, log_w, k, v, u = (x.to(dt) for x in (r, log_w, k, v, u))
-    w = log_w.exp()
-    S = torch.zeros(B, H, N, N, dtype=dt, device=r.device) if state is None else state.to(dt)
-    bonus = u.unsqueeze(-1)  # [H, N(key), 1]
-    ys = []
-    for t in range(T):
-        kv = k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2)  # [B, H, N(key), N(value)]
-        ys.append(torch.einsum("bhi,bhij->bhj", r[:, t], S + bonus * kv))
-        S = w[:, t].unsqueeze(-1) * S + kv
-    y = torch.stack(ys, dim=1) if ys else r.new_zeros(B, 0, H, N)
-    return y.to(in_dtype), S
 
 
 def _masks(L: int, l: int, dt: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
@@ -132,17 +59,8 @@ def _masks(L: int, l: int, dt: torch.dtype, device: torch.device) -> dict[str, t
     }
 
 
-def wkv6_chunked(
-    r: torch.Tensor,
-    log_w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    state: torch.Tensor | None = None,
-    *,
-    chunk_len: int = CHUNK_LEN,
-    sub_len: int = SUB_LEN,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def wkv6_chunked(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, u: Tensor, state: Tensor | None = None, *,
+                 chunk_len: int = CHUNK_LEN, sub_len: int = SUB_LEN) -> tuple[Tensor, Tensor]:
     """Chunk-parallel WKV-6 (the reference's function for any T >= 1, differentiable).
 
     y has the input dtype; the state is float32 (float64 for float64 inputs).
@@ -150,9 +68,9 @@ def wkv6_chunked(
     """
     if sub_len < 1 or chunk_len % sub_len:
         raise ValueError(f"wkv6: sub_len {sub_len} must divide chunk_len {chunk_len}")
-    _check_shapes(r, log_w, k, v, u, state)
+    check_inputs6(r, log_w, k, v, u, state)
     B, T, H, N = r.shape
-    in_dtype, dt = r.dtype, _work_dtype(r)
+    in_dtype, dt = r.dtype, work_dtype(r)
     L, l = chunk_len, sub_len
     NB, NC, BH = L // l, -(-T // L), B * H
     pad = NC * L - T

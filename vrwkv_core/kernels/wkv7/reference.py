@@ -12,19 +12,13 @@ float32 with the result cast back to the input dtype. Differentiable through aut
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from vrwkv_core.kernels.common import check_inputs
 
 
-def wkv7_reference(
-    r: torch.Tensor,
-    log_w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def wkv7_reference(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+                   state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sequential WKV-7: inputs [B,T,H,N], state [B,H,N,N] -> (y [B,T,H,N], final state)."""
     B, T, H, N = check_inputs((r, log_w, k, v, a, b), state)
     in_dtype = r.dtype

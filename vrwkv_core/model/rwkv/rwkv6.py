@@ -33,15 +33,19 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from vrwkv_core.config import RWKVSection
 from vrwkv_core.errors import CheckpointError
-from vrwkv_core.model.lm_weights import RWKVLanguageModel
-from vrwkv_core.model.rwkv7 import Linear, _last, _layer_norm, _linear, _shifted
-from vrwkv_core.model.state import RWKVState
+from vrwkv_core.kernels import wkv6
+from vrwkv_core.kernels.wkv6 import BACKENDS
+from vrwkv_core.model.rwkv.layers import Linear, RWKVLanguageModel, last_row, layer_norm, linear, shifted
+from vrwkv_core.model.rwkv.state import RWKVState
 
 GROUPNORM_EPS = 64e-5  # RWKV-LM: 1e-5 * head_size_divisor**2 with divisor 8
+
 DECAY_EXP_MAX = 7.0  # see the module docstring
+
 Span = tuple[int, int]
 
 
@@ -112,7 +116,7 @@ class TimeMix6(nn.Module):
         """output(GroupNorm(y) * g) for y [M, C] (normalised in float32)."""
         lnx = self._modules["ln_x"]._parameters
         y = F.group_norm(y.float(), self.n_head, lnx["weight"].float(), lnx["bias"].float(), GROUPNORM_EPS)
-        return _linear(self._modules["output"], y.to(g.dtype) * g)
+        return linear(self._modules["output"], y.to(g.dtype) * g)
 
     def forward(
         self,
@@ -122,14 +126,12 @@ class TimeMix6(nn.Module):
         backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (output [B,T,C], new WKV state)."""
-        from vrwkv_core.kernels.wkv6 import wkv6
-
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         M = self._modules
-        xw, xk, xv, xr, xg = self._mixes(x, _shifted(x, shift) - x).unbind(0)
-        r, k, v = _linear(M["receptance"], xr), _linear(M["key"], xk), _linear(M["value"], xv)
-        g = F.silu(_linear(M["gate"], xg))
+        xw, xk, xv, xr, xg = self._mixes(x, shifted(x, shift) - x).unbind(0)
+        r, k, v = linear(M["receptance"], xr), linear(M["key"], xk), linear(M["value"], xv)
+        g = F.silu(linear(M["gate"], xg))
         shape = (B, T, H, N)
         y, wkv_state = wkv6(
             r.view(shape), self._log_decay(xw).view(shape), k.view(shape), v.view(shape),
@@ -149,8 +151,8 @@ class TimeMix6(nn.Module):
         M = self._modules
         xx = -x if shift is None else shift.to(x.dtype) - x
         xw, xk, xv, xr, xg = self._mixes(x, xx).unbind(0)
-        r, k, v = _linear(M["receptance"], xr), _linear(M["key"], xk), _linear(M["value"], xv)
-        g = F.silu(_linear(M["gate"], xg))
+        r, k, v = linear(M["receptance"], xr), linear(M["key"], xk), linear(M["value"], xv)
+        g = F.silu(linear(M["gate"], xg))
         w = self._log_decay(xw).exp().view(B, H, N, 1)
         f32 = torch.float32
         r4, k4, v4 = r.to(f32).view(B, H, N, 1), k.to(f32).view(B, H, N, 1), v.to(f32).view(B, H, 1, N)
@@ -178,11 +180,11 @@ class ChannelMix6(nn.Module):
         P, M = self._parameters, self._modules
         xk = torch.addcmul(x, xx, P["time_maa_k"].view(-1))
         xr = torch.addcmul(x, xx, P["time_maa_r"].view(-1))
-        kv = _linear(M["value"], torch.relu(_linear(M["key"], xk)).square())
-        return torch.sigmoid(_linear(M["receptance"], xr)) * kv
+        kv = linear(M["value"], torch.relu(linear(M["key"], xk)).square())
+        return torch.sigmoid(linear(M["receptance"], xr)) * kv
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-        return self._mix(x, _shifted(x, shift) - x)
+        return self._mix(x, shifted(x, shift) - x)
 
     def step(self, x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
         """One token: x [B, C]."""
@@ -211,23 +213,23 @@ class Block6(nn.Module):
             x = _permute_rows(x, order)
         h = self.ln1(x)
         dx, wkv_state = self.att(h, att_shift, wkv_state, backend)
-        att_shift = _last(h)
+        att_shift = last_row(h)
         x = x + dx
         h = self.ln2(x)
         x = x + self.ffn(h, ffn_shift)
         if order is not None:
             x = _permute_rows(x, order)
-        return x, att_shift, wkv_state, _last(h)
+        return x, att_shift, wkv_state, last_row(h)
 
     def step(self, x, att_shift, wkv_state, ffn_shift):
         """One token, x [B, C]: returns what `forward` returns, with [B, C] tensors."""
         M = self._modules
         if self.layer_id == 0:
-            x = _layer_norm(M["ln0"], x)
-        h = _layer_norm(M["ln1"], x)
+            x = layer_norm(M["ln0"], x)
+        h = layer_norm(M["ln1"], x)
         dx, wkv_state = M["att"].step(h, att_shift, wkv_state)
         x = x + dx
-        h2 = _layer_norm(M["ln2"], x)
+        h2 = layer_norm(M["ln2"], x)
         x = x + M["ffn"].step(h2, ffn_shift)
         return x, h, wkv_state, h2
 
@@ -271,6 +273,7 @@ class RWKV6(RWKVLanguageModel):
 
     version = "x060"
     label = "RWKV-6"
+    wkv_backends = BACKENDS
 
     def __init__(self, cfg: RWKVSection, lora: LoraDims6 | None = None, *, init: bool = True) -> None:
         """A freshly initialised model (RWKV-LM's x060 init, see `reset_parameters`).
@@ -337,7 +340,7 @@ class RWKV6(RWKVLanguageModel):
         embeds: torch.Tensor | None = None,
         state: RWKVState | None = None,
         logits: str = "all",
-        backend: str = "auto",
+        backend: str | None = None,
         reverse_spans: Sequence[Span | Sequence[Span] | None] | None = None,
     ) -> tuple[torch.Tensor, RWKVState]:
         """Runs ids [B,T] (or raw embeddings [B,T,C]) from `state` (None: zeros).
@@ -347,6 +350,7 @@ class RWKV6(RWKVLanguageModel):
         sample, see `reversal_order`) turns on the odd-layer reversal of those rows.
         """
         x = self._input(idx, embeds, state, logits)
+        backend = backend or self.cfg.wkv_backend
         B, T = x.shape[:2]
         order = reversal_order(reverse_spans, B, T, x.device) if reverse_spans is not None else None
         one = T == 1
@@ -360,8 +364,6 @@ class RWKV6(RWKVLanguageModel):
             if one:
                 out = block.step(x, *s)
             elif ckpt:
-                from torch.utils.checkpoint import checkpoint
-
                 out = checkpoint(block, x, *s, backend, block_order, use_reentrant=False)
             else:
                 out = block(x, *s, backend, block_order)
@@ -403,25 +405,6 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<state
     return cfg, lora
 
 
-def lm_config_from_state_dict(sd: Mapping[str, torch.Tensor], source: str = "<state dict>"):
-    """(RWKVSection, LoRA widths) of an RWKV-6 or RWKV-7 LM state dict, by its tensors."""
-    if is_rwkv6_state_dict(sd):
-        return config_from_state_dict(sd, source)
-    from vrwkv_core.model.rwkv7 import config_from_state_dict as config7
-
-    return config7(sd, source)
-
-
-def lm_class(version: str) -> type[nn.Module]:
-    """The LM class of `model.rwkv.version` (x060 -> RWKV6, x070 -> RWKV7)."""
-    if version == "x060":
-        return RWKV6
-    from vrwkv_core.model.rwkv7 import RWKV7
-
-    return RWKV7
-
-
 RWKV6.config_from_state_dict = staticmethod(config_from_state_dict)  # the loader hook of the base
 
-__all__ = ["RWKV6", "LoraDims6", "RWKVState", "config_from_state_dict", "lm_config_from_state_dict", "lm_class",
-           "is_rwkv6_state_dict", "reversal_order", "default_dim_ffn"]  # fmt: skip
+__all__ = ["RWKV6", "LoraDims6", "config_from_state_dict", "default_dim_ffn", "is_rwkv6_state_dict", "reversal_order"]

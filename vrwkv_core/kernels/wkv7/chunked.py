@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from vrwkv_core.kernels.common import check_inputs
 
@@ -68,17 +69,8 @@ def unit_lower_inverse(m: torch.Tensor) -> torch.Tensor:
     return D[..., 0, :, :]
 
 
-def wkv7_chunked(
-    r: torch.Tensor,
-    log_w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    state: torch.Tensor | None = None,
-    *,
-    chunk_len: int = CHUNK_LEN,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def wkv7_chunked(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+                 state: Tensor | None = None, *, chunk_len: int = CHUNK_LEN) -> tuple[Tensor, Tensor]:
     """Chunk-parallel WKV-7: inputs [B,T,H,N], state [B,H,N,N] -> (y [B,T,H,N], final state).
 
     y has the input dtype; the state is float32 (float64 for float64 inputs).

@@ -27,11 +27,23 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from vrwkv_core.config import RWKVSection
 from vrwkv_core.errors import CheckpointError
-from vrwkv_core.model.lm_weights import RWKVLanguageModel, read_weights
-from vrwkv_core.model.state import RWKVState
+from vrwkv_core.kernels import wkv7
+from vrwkv_core.kernels.wkv7 import BACKENDS
+from vrwkv_core.model.rwkv.layers import (
+    Linear,
+    RWKVLanguageModel,
+    last_row,
+    layer_norm,
+    linear,
+    pack_bf16,
+    packed_ok,
+    shifted,
+)
+from vrwkv_core.model.rwkv.state import RWKVState
 
 GROUPNORM_EPS = 64e-5  # RWKV-LM: 1e-5 * head_size_divisor**2 with divisor 8
 
@@ -54,57 +66,6 @@ class LoraDims:
             return max(32, int(round(x / 32)) * 32)
 
         return cls(decay=r32(1.8 * C**0.5), aaa=r32(1.8 * C**0.5), mv=r32(1.3 * C**0.5), gate=r32(0.6 * C**0.8))
-
-
-class Linear(nn.Linear):
-    """A bias-free nn.Linear whose CPU layout `RWKV7.optimize_for_inference` can tune."""
-
-    _packed: tuple[torch.Tensor, int, int] | None = None  # see _pack_bf16
-
-    def __init__(self, n_in: int, n_out: int) -> None:
-        super().__init__(n_in, n_out, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(self, x)
-
-    @torch.no_grad()
-    def optimize_for_inference(self) -> None:
-        """fp32 CPU: column-major weight storage; bf16 CPU: a oneDNN-packed copy."""
-        w = self.weight
-        if w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous():
-            # MKL's M=1 gemm streams an [in, out] matrix ~1.6x faster than [out, in] (the
-            # `rwkv` package stores its matrices transposed for this); the parameter keeps
-            # its shape, only its strides change.
-            self.weight.data = w.t().contiguous().t()
-        self._packed = _pack_bf16(w, w)
-
-
-def _pack_bf16(w_out_in: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, int, int] | None:
-    """A oneDNN-packed copy of a bf16 CPU weight [out, in] for no-grad matmuls (torch's own
-    bf16 gemv is ~2x slower), tagged with `source`'s storage and version counter so that a
-    weight changed by training or loading is never read through a stale copy."""
-    if source.dtype != torch.bfloat16 or source.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w_out_in.detach().contiguous(), 1)
-    except (RuntimeError, AttributeError):  # a oneDNN build without bf16 support
-        return None
-    return packed, source._version, source.data_ptr()
-
-
-def _packed_ok(pk: tuple[torch.Tensor, int, int] | None, w: torch.Tensor, x: torch.Tensor) -> bool:
-    return (
-        pk is not None and x.dtype == torch.bfloat16 and pk[1] == w._version and pk[2] == w.data_ptr()
-        and not torch.is_grad_enabled()
-    )  # fmt: skip
-
-
-def _linear(m: Linear, x: torch.Tensor) -> torch.Tensor:
-    """m(x) without nn.Module call overhead; through m's packed bf16 copy where valid."""
-    w = m._parameters["weight"]
-    if _packed_ok(m._packed, w, x):
-        return torch.ops.mkldnn._linear_pointwise(x, m._packed[0], None, "none", [], "")
-    return F.linear(x, w)
 
 
 class TimeMix(nn.Module):
@@ -135,13 +96,13 @@ class TimeMix(nn.Module):
         self.value = Linear(C, C)
         self.output = Linear(C, C)
         self.ln_x = nn.GroupNorm(H, C, eps=GROUPNORM_EPS)
-        self._packed: dict[str, tuple[torch.Tensor, int, int]] = {}  # LoRA matrices, see _pack_bf16
+        self._packed: dict[str, tuple[torch.Tensor, int, int]] = {}  # LoRA matrices, see pack_bf16
 
     def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """x @ self.<name> (a LoRA matrix [in, out]), through its packed bf16 copy where valid."""
         w = self._parameters[name]
         pk = self._packed.get(name)
-        if _packed_ok(pk, w, x):
+        if packed_ok(pk, w, x):
             return torch.ops.mkldnn._linear_pointwise(x, pk[0], None, "none", [], "")
         return x @ w
 
@@ -151,7 +112,7 @@ class TimeMix(nn.Module):
         self._packed = {}
         for name in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"):
             w = self._parameters.get(name)
-            pk = _pack_bf16(w.t(), w) if w is not None else None
+            pk = pack_bf16(w.t(), w) if w is not None else None
             if pk is not None:
                 self._packed[name] = pk
 
@@ -166,7 +127,7 @@ class TimeMix(nn.Module):
         """Returns (output [B,T,C], v_first, new WKV state)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = _shifted(x, shift) - x
+        xx = shifted(x, shift) - x
         xr, xw, xk, xv, xa, xg = (
             torch.addcmul(x, xx, m) for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
         )
@@ -185,8 +146,6 @@ class TimeMix(nn.Module):
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + lora("v2", lora("v1", xv)))
         log_w = -torch.exp(-F.softplus(-(self.w0 + w).float()) - 0.5)  # log of the decay, fp32
-
-        from vrwkv_core.kernels import wkv7
 
         shape = (B, T, H, N)
         y, wkv_state = wkv7(
@@ -218,9 +177,9 @@ class TimeMix(nn.Module):
         xx = -x if shift is None else shift.to(x.dtype) - x
         maa = torch.cat((P["x_r"], P["x_w"], P["x_k"], P["x_v"], P["x_a"], P["x_g"]))  # [6, 1, C]
         xr, xw, xk, xv, xa, xg = torch.addcmul(x, xx, maa).unbind(0)
-        r = _linear(M["receptance"], xr)
-        k = _linear(M["key"], xk)
-        v = _linear(M["value"], xv)
+        r = linear(M["receptance"], xr)
+        k = linear(M["key"], xk)
+        v = linear(M["value"], xv)
         lora = self._lora
         z = P["w0"].view(1, C) + lora("w2", torch.tanh(lora("w1", xw)))
         a = torch.sigmoid(P["a0"].view(1, C) + lora("a2", lora("a1", xa)))
@@ -250,15 +209,7 @@ class TimeMix(nn.Module):
         y = F.group_norm(y, H, lnx["weight"], lnx["bias"], GROUPNORM_EPS).view(B, H, N)
         rk = (r * k * P["r_k"].view(C)).view(B, H, N).sum(-1, keepdim=True)
         y = torch.addcmul(y, rk, v.view(B, H, N)).view(B, C)
-        return _linear(M["output"], y * g), v_first, S
-
-
-def _shifted(x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-    """x delayed by one token along T, with `shift` (or zeros) as the token before the first."""
-    prev = torch.zeros_like(x[:, :1]) if shift is None else shift.to(x.dtype).unsqueeze(1)
-    if x.shape[1] == 1:
-        return prev
-    return torch.cat((prev, x[:, :-1]), dim=1)
+        return linear(M["output"], y * g), v_first, S
 
 
 class ChannelMix(nn.Module):
@@ -272,7 +223,7 @@ class ChannelMix(nn.Module):
         self.value = Linear(dim_ffn, C)
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-        k = torch.addcmul(x, _shifted(x, shift) - x, self.x_k)
+        k = torch.addcmul(x, shifted(x, shift) - x, self.x_k)
         return self.value(torch.relu(self.key(k)).square())
 
     def step(self, x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
@@ -280,7 +231,7 @@ class ChannelMix(nn.Module):
         x_k = self._parameters["x_k"].view(-1)
         k = x * (1 - x_k) if shift is None else torch.lerp(x, shift.to(x.dtype), x_k)  # x + (shift - x) * x_k
         M = self._modules
-        return _linear(M["value"], torch.relu(_linear(M["key"], k)).square())
+        return linear(M["value"], torch.relu(linear(M["key"], k)).square())
 
 
 class Block(nn.Module):
@@ -302,33 +253,23 @@ class Block(nn.Module):
             x = self.ln0(x)
         h = self.ln1(x)
         dx, v_first, wkv_state = self.att(h, att_shift, wkv_state, v_first, backend)
-        att_shift = _last(h)
+        att_shift = last_row(h)
         x = x + dx
         h = self.ln2(x)
         x = x + self.ffn(h, ffn_shift)
-        return x, v_first, att_shift, wkv_state, _last(h)
+        return x, v_first, att_shift, wkv_state, last_row(h)
 
     def step(self, x, v_first, att_shift, wkv_state, ffn_shift):
         """One token, x [B, C]: returns what `forward` returns, with [B, C] tensors."""
         M = self._modules
         if self.layer_id == 0:
-            x = _layer_norm(M["ln0"], x)
-        h = _layer_norm(M["ln1"], x)
+            x = layer_norm(M["ln0"], x)
+        h = layer_norm(M["ln1"], x)
         dx, v_first, wkv_state = M["att"].step(h, att_shift, wkv_state, v_first)
         x = x + dx
-        h2 = _layer_norm(M["ln2"], x)
+        h2 = layer_norm(M["ln2"], x)
         x = x + M["ffn"].step(h2, ffn_shift)
         return x, v_first, h, wkv_state, h2
-
-
-def _layer_norm(m: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """m(x) without nn.Module call overhead."""
-    return F.layer_norm(x, m.normalized_shape, m._parameters["weight"], m._parameters["bias"], m.eps)
-
-
-def _last(h: torch.Tensor) -> torch.Tensor:
-    """h[:, -1] as its own small tensor, so a kept state does not pin the whole [B,T,C] h."""
-    return h[:, -1] if h.shape[1] == 1 else h[:, -1].clone()
 
 
 class RWKV7(RWKVLanguageModel):
@@ -336,6 +277,7 @@ class RWKV7(RWKVLanguageModel):
 
     version = "x070"
     label = "RWKV-7"
+    wkv_backends = BACKENDS
 
     def __init__(self, cfg: RWKVSection, lora: LoraDims | None = None, *, init: bool = True) -> None:
         """A freshly initialised model (RWKV-LM's RWKV-7 init, see `reset_parameters`).
@@ -404,15 +346,17 @@ class RWKV7(RWKVLanguageModel):
         embeds: torch.Tensor | None = None,
         state: RWKVState | None = None,
         logits: str = "all",
-        backend: str = "auto",
+        backend: str | None = None,
     ) -> tuple[torch.Tensor, RWKVState]:
         """Runs ids [B,T] (or raw embeddings [B,T,C]) from `state` (None: zeros).
 
         Returns (out, new_state): out is the logits [B,T,V] for logits="all", [B,1,V] for
         "last", or the ln_out output [B,T,C] for "hidden" (apply `self.head` yourself,
-        e.g. only where labels are valid). `state` is not modified.
+        e.g. only where labels are valid). `state` is not modified. `backend` picks the WKV
+        kernel (None: `cfg.wkv_backend`, the recipe's `model.rwkv.wkv_backend`).
         """
         x = self._input(idx, embeds, state, logits)
+        backend = backend or self.cfg.wkv_backend
         one = x.shape[1] == 1  # single token: the step path on [B, C]
         ckpt = self._checkpointing(one)
         if one:
@@ -424,8 +368,6 @@ class RWKV7(RWKVLanguageModel):
             if one:
                 out = block.step(x, v_first, *s)
             elif ckpt:
-                from torch.utils.checkpoint import checkpoint
-
                 out = checkpoint(block, x, v_first, *s, backend, use_reentrant=False)
             else:
                 out = block(x, v_first, *s, backend)
@@ -475,4 +417,4 @@ def config_from_state_dict(
 
 RWKV7.config_from_state_dict = staticmethod(config_from_state_dict)  # the loader hook of the base
 
-__all__ = ["RWKV7", "LoraDims", "RWKVState", "config_from_state_dict", "read_weights"]
+__all__ = ["RWKV7", "LoraDims", "config_from_state_dict"]

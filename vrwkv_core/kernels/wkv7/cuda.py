@@ -1,8 +1,9 @@
-"""WKV-7 on CUDA: our own kernel in `vrwkv_core/cuda_ops/`, JIT-built with torch + ninja.
+"""WKV-7 on CUDA: our own kernel in the top-level `cuda_ops/` (installed as `vrwkv_core.cuda_ops`),
+JIT-built with torch + ninja.
 
     y, final_state = wkv7_cuda(r, log_w, k, v, a, b, state=None)
 
-Same contract as `kernels.reference` (the definition). Per batch and head, S is N x N
+Same contract as `reference.py` (the definition). Per batch and head, S is N x N
 (rows index v, columns index k), w_t = exp(log_w_t), and
 
     S_t = S_{t-1} diag(w_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T,    y_t = S_t r_t.
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from vrwkv_core.errors import VrwkvError
 from vrwkv_core.kernels.common import check_inputs
@@ -137,7 +139,7 @@ def build(
 
         if cpp_ext.CUDA_HOME != home:
             cpp_ext.CUDA_HOME = home  # torch reads this module global to find nvcc and the headers
-        with resources.as_file(resources.files("vrwkv_core") / "cuda_ops") as src:
+        with resources.as_file(resources.files("vrwkv_core.cuda_ops")) as src:
             name, defines = _build_name(head_size, chunk_len, dtype)
             build_dir = _cache_root() / name
             build_dir.mkdir(parents=True, exist_ok=True)
@@ -175,7 +177,7 @@ def build_directory(
 
 def _build_name(head_size: int, chunk_len: int, dtype: torch.dtype) -> tuple[str, list[str]]:
     """The extension's name (also its op namespace) and its -D flags; the name changes with the sources."""
-    src = resources.files("vrwkv_core") / "cuda_ops"
+    src = resources.files("vrwkv_core.cuda_ops")
     digest = hashlib.sha256(repr((_CFLAGS, _CUDA_CFLAGS)).encode())
     for f in _SOURCES:
         digest.update((src / f).read_bytes())
@@ -199,6 +201,15 @@ def is_available(head_size: int = 64) -> bool:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
     _AVAILABLE[head_size], _REASONS[head_size] = ok, reason
     return ok
+
+
+def sources_status() -> str:
+    """Where the installed package keeps the kernel sources, or what is missing (for `vrwkv env`)."""
+    src = resources.files("vrwkv_core.cuda_ops")
+    missing = [f for f in _SOURCES if not (src / f).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)} in {src}"
+    return f"{src} ({', '.join(_SOURCES)})"
 
 
 def build_status(head_size: int = 64) -> str:
@@ -252,16 +263,8 @@ class _WKV7(torch.autograd.Function):
         return (None, None, None, *grads, ds0 if ctx.has_state else None)
 
 
-def wkv7_cuda(
-    r: torch.Tensor,
-    log_w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    state: torch.Tensor | None = None,
-    chunk_len: int = DEFAULT_CHUNK_LEN,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def wkv7_cuda(r: Tensor, log_w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+              state: Tensor | None = None, chunk_len: int = DEFAULT_CHUNK_LEN) -> tuple[Tensor, Tensor]:
     """WKV-7 with the CUDA kernel: inputs [B,T,H,N] on one GPU -> (y in the input dtype, final fp32 state)."""
     xs = (r, log_w, k, v, a, b)
     B, T, H, N = check_inputs(xs, state)

@@ -1,9 +1,8 @@
-"""What the RWKV language models (RWKV-7 and RWKV-6) share: weights I/O and a base class.
-
-Both LMs keep the official RWKV-LM names, so one reader, one strict name check, one
-"assign the tensors to a meta-device model" path and one `RWKVLanguageModel` base (layout
-and construction, forward input checks and output, loading, saving, zero state, CPU inference
-layout) serve both; each model keeps its blocks, init and block loop.
+"""What the RWKV language models (RWKV-7, RWKV-6) share: fast linear layers, token shift, and a
+base class holding the layout (emb, blocks, ln_out, head), forward input checks and output,
+zero state and the CPU inference layout. Each family keeps its blocks, init and block loop;
+reading and writing weight files is `vrwkv_core.checkpoint`'s job (the base's `from_checkpoint`
+and `save` hand over to it).
 """
 
 from __future__ import annotations
@@ -14,94 +13,80 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from vrwkv_core.errors import CheckpointError
-
-
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a `.pth` (torch.load, weights_only, mmap when the format allows) or a
-    `.safetensors` file, on CPU; CheckpointError if the file is missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd: Any = load_file(str(path), device="cpu")
-        else:
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as err:
-                if "mmap" not in str(err):  # legacy (non-zip) .pth files cannot be mapped
-                    raise
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
-    except Exception as err:  # unpickling, zip and safetensors errors alike
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot read weights ({first})") from None
-    if not isinstance(sd, Mapping) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
-        raise CheckpointError(f"{path}: not a state dict of tensors")
-    return dict(sd)
-
-
-def check_names(expected: Mapping[str, tuple], got: Mapping[str, tuple], source: str, what: str = "the model") -> None:
-    """Strict accounting of name -> shape maps (every tensor used, every parameter filled,
-    every shape right): one error line listing the missing, unexpected and wrong-shaped names."""
-    missing = [n for n in expected if n not in got]
-    unexpected = [n for n in got if n not in expected]
-    wrong = [f"{n} {tuple(got[n])} != {tuple(s)}" for n, s in expected.items() if n in got and tuple(got[n]) != tuple(s)]
-
-    def few(names: list[str]) -> str:
-        return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
-
-    problems = [f"{len(names)} {label}: {few(names)}"
-                for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-                if names]  # fmt: skip
-    if problems:
-        raise CheckpointError(f"{source}: weights do not fit {what}: " + "; ".join(problems))
-
-
-def assign_weights(
-    model: nn.Module, sd: Mapping[str, torch.Tensor], source: str, what: str,
-    device: torch.device | str | None, dtype: torch.dtype | None,
-) -> nn.Module:
-    """Fills a meta-device LM with `sd` strictly; dtype None: bf16 on CUDA, fp32 elsewhere.
-
-    Tensors already in the target dtype and device are used as they are (no copy, so an
-    mmap'd file stays mapped).
-    """
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    check_names(expected, {name: tuple(t.shape) for name, t in sd.items()}, source, f"an {what} model")
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tensors = {}
-    for name, t in sd.items():
-        if not t.is_floating_point():
-            raise CheckpointError(f"{source}: {name} has dtype {t.dtype}, expected a float tensor")
-        tensors[name] = t.to(device=device, dtype=dtype)
-    model.load_state_dict(tensors, strict=True, assign=True)
-    model.cfg = replace(model.cfg, checkpoint=source if source != "<state dict>" else None)
-    return model.eval()
-
-
-def save_lm(model: nn.Module, path: str | Path, version: str) -> None:
-    """Writes an LM as safetensors in the official layout (atomic), dims in metadata."""
-    from safetensors.torch import save_file
-
-    from vrwkv_core.fsutil import atomic_path
-
-    tensors = {k: t.detach().contiguous().cpu() for k, t in model.state_dict().items()}
-    meta = {"format": f"vrwkv-rwkv{version[2]}", "version": version, "n_layer": str(model.n_layer),
-            "n_embd": str(model.n_embd), "head_size": str(model.head_size),
-            "vocab_size": str(model.vocab_size), "dim_ffn": str(model.dim_ffn)}  # fmt: skip
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-
+from vrwkv_core.model.rwkv.state import RWKVState
 
 LOGITS_MODES = ("all", "last", "hidden")
+
+
+class Linear(nn.Linear):
+    """A bias-free nn.Linear whose CPU layout `RWKV7.optimize_for_inference` can tune."""
+
+    _packed: tuple[torch.Tensor, int, int] | None = None  # see pack_bf16
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__(n_in, n_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(self, x)
+
+    @torch.no_grad()
+    def optimize_for_inference(self) -> None:
+        """fp32 CPU: column-major weight storage; bf16 CPU: a oneDNN-packed copy."""
+        w = self.weight
+        if w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous():
+            # MKL's M=1 gemm streams an [in, out] matrix ~1.6x faster than [out, in] (the
+            # `rwkv` package stores its matrices transposed for this); the parameter keeps
+            # its shape, only its strides change.
+            self.weight.data = w.t().contiguous().t()
+        self._packed = pack_bf16(w, w)
+
+
+def pack_bf16(w_out_in: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, int, int] | None:
+    """A oneDNN-packed copy of a bf16 CPU weight [out, in] for no-grad matmuls (torch's own
+    bf16 gemv is ~2x slower), tagged with `source`'s storage and version counter so that a
+    weight changed by training or loading is never read through a stale copy."""
+    if source.dtype != torch.bfloat16 or source.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w_out_in.detach().contiguous(), 1)
+    except (RuntimeError, AttributeError):  # a oneDNN build without bf16 support
+        return None
+    return packed, source._version, source.data_ptr()
+
+
+def packed_ok(pk: tuple[torch.Tensor, int, int] | None, w: torch.Tensor, x: torch.Tensor) -> bool:
+    return (
+        pk is not None and x.dtype == torch.bfloat16 and pk[1] == w._version and pk[2] == w.data_ptr()
+        and not torch.is_grad_enabled()
+    )  # fmt: skip
+
+
+def linear(m: Linear, x: torch.Tensor) -> torch.Tensor:
+    """m(x) without nn.Module call overhead; through m's packed bf16 copy where valid."""
+    w = m._parameters["weight"]
+    if packed_ok(m._packed, w, x):
+        return torch.ops.mkldnn._linear_pointwise(x, m._packed[0], None, "none", [], "")
+    return F.linear(x, w)
+
+
+def shifted(x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """x delayed by one token along T, with `shift` (or zeros) as the token before the first."""
+    prev = torch.zeros_like(x[:, :1]) if shift is None else shift.to(x.dtype).unsqueeze(1)
+    if x.shape[1] == 1:
+        return prev
+    return torch.cat((prev, x[:, :-1]), dim=1)
+
+
+def layer_norm(m: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """m(x) without nn.Module call overhead."""
+    return F.layer_norm(x, m.normalized_shape, m._parameters["weight"], m._parameters["bias"], m.eps)
+
+
+def last_row(h: torch.Tensor) -> torch.Tensor:
+    """h[:, -1] as its own small tensor, so a kept state does not pin the whole [B,T,C] h."""
+    return h[:, -1] if h.shape[1] == 1 else h[:, -1].clone()
 
 
 class RWKVLanguageModel(nn.Module):
@@ -110,16 +95,18 @@ class RWKVLanguageModel(nn.Module):
 
     version = ""
     label = ""
+    wkv_backends: tuple[str, ...] = ()
 
     def _build(self, cfg: Any, lora: Any, dim_ffn: int, make_block: Any, init: bool) -> None:
         """The layout both share: emb, blocks, ln_out, head, built on the meta device, then
         materialised and initialised on the default device unless `init` is False."""
-        from vrwkv_core.model.rwkv7 import Linear
-
         if cfg.version != self.version:
             raise ValueError(f"{type(self).__name__} needs model.rwkv.version {self.version}, got {cfg.version!r}")
         if cfg.n_embd % cfg.head_size:
             raise ValueError(f"n_embd {cfg.n_embd} is not a multiple of head_size {cfg.head_size}")
+        if cfg.wkv_backend not in self.wkv_backends:
+            raise ValueError(f"model.rwkv.wkv_backend: the {self.label} WKV op has no backend {cfg.wkv_backend!r}; "
+                             f"choose from {', '.join(self.wkv_backends)}")  # fmt: skip
         self.cfg = replace(cfg, dim_ffn=dim_ffn)
         self.lora = lora
         self.n_layer, self.n_embd, self.head_size = cfg.n_layer, cfg.n_embd, cfg.head_size
@@ -163,8 +150,6 @@ class RWKVLanguageModel(nn.Module):
     def _output(self, x: torch.Tensor, one: bool, logits: str, layers: list[tuple]) -> tuple[torch.Tensor, Any]:
         """ln_out + head on the blocks' output (x [B,C] when `one`), and the new state from the
         per-layer (att_shift, wkv, ffn_shift) triples."""
-        from vrwkv_core.model.state import RWKVState
-
         new_state = RWKVState(*(list(parts) for parts in zip(*layers)))
         if one:
             x = x.unsqueeze(1)
@@ -192,25 +177,36 @@ class RWKVLanguageModel(nn.Module):
         dtype None: bfloat16 on CUDA, float32 elsewhere. Tensors already in the target
         dtype and device are used as they are (no copy, so an mmap'd file stays mapped).
         """
-        cfg, lora = cls.config_from_state_dict(sd, source)
-        return assign_weights(cls(cfg, lora, init=False), sd, source, cls.label, device, dtype)  # type: ignore[call-arg]
+        from vrwkv_core.checkpoint.build import lm_from_state_dict  # the one way into checkpoint/
+
+        return lm_from_state_dict(cls, sd, source, device, dtype)
 
     @classmethod
     def from_checkpoint(
         cls, path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> Any:
         """Loads an official RWKV World `.pth` (any float dtype) or a `.safetensors` from `save`."""
-        return cls.from_state_dict(read_weights(path), device=device, dtype=dtype, source=str(path))
+        from vrwkv_core.checkpoint.load import load_lm  # the one way into checkpoint/
+
+        return load_lm(cls, path, device, dtype)
 
     def save(self, path: str | Path) -> None:
         """Writes the weights as safetensors in the official layout (atomic), dims in metadata."""
-        save_lm(self, path, self.version)
+        from vrwkv_core.checkpoint.ours import save_lm  # the one way into checkpoint/
+
+        save_lm(self, path)
 
     def zero_state(self, batch: int = 1) -> Any:
         """An all-zero state on the model's device (same as passing state=None)."""
-        from vrwkv_core.model.state import RWKVState
-
         return RWKVState.zeros(self, batch)
+
+    def use_wkv_backend(self, backend: str) -> Any:
+        """Runs the WKV op through `backend` from now on (returns self); ValueError for a name
+        this family's op does not have (`wkv_backends`)."""
+        if backend not in self.wkv_backends:
+            raise ValueError(f"the {self.label} WKV op has no backend {backend!r}; choose from {', '.join(self.wkv_backends)}")
+        self.cfg = replace(self.cfg, wkv_backend=backend)
+        return self
 
     def optimize_for_inference(self) -> Any:
         """Lays the matrices out for fast CPU decoding (returns self).

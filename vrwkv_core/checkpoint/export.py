@@ -1,0 +1,60 @@
+"""Exporting our model folders as released files: the VisualRWKV `.pth` layout of the model's
+family, or the LM alone as an RWKV-LM `.pth` (names without `rwkv.`) that the `rwkv` package loads.
+
+    export_pth("out/tiny/finetune", "tiny.pth")                   # our dir -> released layout
+    export_pth("out/tiny/finetune", "tiny-lm.pth", lm_only=True)  # RWKV-LM layout
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from vrwkv_core.checkpoint.build import build_meta, lora_of
+from vrwkv_core.checkpoint.formats import FORMATS
+from vrwkv_core.checkpoint.ours import WEIGHTS, read_recipe
+from vrwkv_core.checkpoint.tensors import check_names, lm_part, read_safetensors
+from vrwkv_core.errors import CheckpointError
+from vrwkv_core.fsutil import atomic_path
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+
+def _write_pth(tensors: dict[str, torch.Tensor], out: Path) -> None:
+    """torch.save to a temp file beside `out`, then rename (atomic)."""
+    with atomic_path(out) as tmp:
+        torch.save(tensors, tmp)
+
+
+def released_state_dict(
+    sd: Mapping[str, torch.Tensor], version: str, dtype: torch.dtype = torch.float16, lm_only: bool = False
+) -> dict[str, torch.Tensor]:
+    """Our state dict -> the released names of `version`'s family (or, lm_only, the RWKV-LM
+    names), floats cast to dtype."""
+    named = lm_part(sd) if lm_only else FORMATS[version].to_released(sd)
+    return {k: (t.to(dtype) if t.is_floating_point() else t).contiguous() for k, t in named.items()}
+
+
+def export_pth(
+    model_dir: str | Path, out: str | Path, dtype: str | torch.dtype = "fp16", lm_only: bool = False
+) -> dict[str, Any]:
+    """Writes one of our model dirs as a released VisualRWKV `.pth` (or the LM alone as an
+    RWKV-LM `.pth`, names without `rwkv.`), atomically. Returns {path, tensors, bytes, dtype}."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    model_dir, out = Path(model_dir), Path(out)
+    recipe = read_recipe(model_dir)
+    sd = read_safetensors(model_dir / WEIGHTS)
+    order = build_meta(recipe.model, lora_of(sd, str(model_dir / WEIGHTS))).state_dict()
+    check_names({k: tuple(t.shape) for k, t in order.items()},
+                {k: tuple(t.shape) for k, t in sd.items()}, str(model_dir / WEIGHTS))  # fmt: skip
+    # module order, as released files have it (safetensors reads back sorted by name)
+    tensors = released_state_dict({k: sd[k] for k in order}, recipe.model.rwkv.version, dtype, lm_only)
+    del sd
+    _write_pth(tensors, out)
+    return {"path": out, "tensors": len(tensors), "bytes": out.stat().st_size, "dtype": str(dtype).replace("torch.", "")}
