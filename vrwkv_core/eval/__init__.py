@@ -18,7 +18,7 @@ from vrwkv_core.eval.normalize import normalize_answer
 
 # The benchmarks added beside the first seven live in their own modules (which use
 # benchmarks.py's helpers); they join the one registry here, before anything can look one up.
-from vrwkv_core.eval import docqa, mmbench, mme, mmvet, vizwiz  # noqa: E402  isort: skip
+from vrwkv_core.eval import docqa, mmbench, mme, mmvet, vizwiz  # isort: skip
 
 for _bench in (*mme.BENCHMARKS, *mmbench.BENCHMARKS, *vizwiz.BENCHMARKS, *mmvet.BENCHMARKS, *docqa.BENCHMARKS):
     BENCHMARKS.setdefault(_bench.name, _bench)
