@@ -302,7 +302,7 @@ def test_missing_image_is_counted_not_fatal(tiny, cli_model, tmp_path, capsys):
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert run(["eval", "--benchmark", "shapes", "--out", str(tmp_path)]) == 1
     assert "needs --model, --data-root" in capsys.readouterr().err
-    assert run(["eval", "--model", "m", "--benchmark", "mmbench", "--data-root", str(tmp_path), "--out", str(tmp_path)]) == 1
+    assert run(["eval", "--model", "m", "--benchmark", "nocaps", "--data-root", str(tmp_path), "--out", str(tmp_path)]) == 1
     assert "unknown benchmark" in capsys.readouterr().err
 
 

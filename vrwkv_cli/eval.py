@@ -31,7 +31,7 @@ class PromptStyle(str, Enum):
 def generate(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Option(help="Our output dir, a released .pth, or a registry name.")] = None,
-    benchmark: Annotated[Optional[str], typer.Option(help="textvqa, vqav2, vqav2-testdev, gqa, scienceqa, pope or shapes.")] = None,
+    benchmark: Annotated[Optional[str], typer.Option(help="textvqa, vqav2, vqav2-testdev, gqa, scienceqa, pope, mme, mmbench, mmbench-cn, vizwiz, mmvet, chartqa, docvqa, infovqa or shapes.")] = None,
     data_root: Annotated[Optional[Path], typer.Option(
         help="The benchmark's folder in LLaVA's eval layout (e.g. playground/data/eval/textvqa, or its parent), "
              "or a `prepare-data synthetic-shapes` folder.")] = None,
@@ -131,16 +131,20 @@ def _print_report(report: Any, json_output: bool, generated: bool = True) -> Non
 
 @app.command()
 def score(
-    benchmark: Annotated[str, typer.Argument(help="textvqa, vqav2, vqav2-testdev, gqa, scienceqa, pope or shapes.")],
+    benchmark: Annotated[str, typer.Argument(help="textvqa, vqav2, vqav2-testdev, gqa, scienceqa, pope, mme, mmbench, mmbench-cn, vizwiz, mmvet, chartqa, docvqa, infovqa or shapes.")],
     answers: Annotated[Path, typer.Option(help="LLaVA answer JSONL: question_id, prompt, text, model_id.")],
     annotations: Annotated[Path, typer.Option(
         help="Ground truth: TextVQA_0.5.1_val.json, v2_mscoco_val2014_annotations.json, the test "
              "question file (vqav2-testdev), testdev_balanced_questions.json, the ScienceQA folder "
-             "(problems.json + pid_splits.json), the POPE folder (coco_pope_*.json), or DIR/eval/answers.json.")],
+             "(problems.json + pid_splits.json), the POPE folder (coco_pope_*.json), MME_Benchmark_release_version, "
+             "the MMBench TSV, VizWiz Annotations/val.json (test.json: the upload), mm-vet.json, the ChartQA test "
+             "folder, val_v1.0.json (DocVQA), infographicsVQA_val_v1.0_withQT.json, or DIR/eval/answers.json.")],
     questions: Annotated[Optional[Path], typer.Option(
-        help="pope: llava_pope_test.jsonl (required); vqav2: the val question file (optional, limits the scope).")] = None,
+        help="pope: llava_pope_test.jsonl (required); vqav2: the val question file (optional, limits the scope); "
+             "vizwiz: the LLaVA question file (question_id -> image; without it question_id is the image name).")] = None,
     submission: Annotated[Optional[Path], typer.Option(
-        help="vqav2-testdev: where to write the EvalAI JSON (default: <answers>.evalai.json).")] = None,
+        help="vqav2-testdev, vizwiz test: where to write the EvalAI JSON (default: <answers>.evalai.json); "
+             "mmvet: the grader's input (default: <answers>.mmvet.json).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object on the last stdout line.")] = False,
 ) -> None:
     """Score an answer file with the benchmark's official metric.
@@ -191,7 +195,7 @@ def _print_table(result: Any, answers: Path) -> None:
         table.add_row("submission", str(result.details["submission"]))
         table.add_row("ids written", str(result.details["written"]))
     console.print(table)
-    categories = {k: v for k, v in result.details.items() if isinstance(v, dict)}
+    categories = {k: v for k, v in result.details.items() if isinstance(v, dict) and "f1" in v}  # POPE
     if categories:
         cat_table = Table(title="per category")
         for col in ("category", "count", "accuracy", "precision", "recall", "f1", "yes_ratio"):
@@ -199,5 +203,45 @@ def _print_table(result: Any, answers: Path) -> None:
         for cat, m in categories.items():
             cat_table.add_row(cat, str(m["count"]), *(_pct(m[k]) for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")))
         console.print(cat_table)
+    _print_more(result)
     for note in _notes(result):
         console.print(f"[yellow]{note}[/yellow]")
+
+
+_SHOWN = {"img_accuracy", "img_count", "submission", "written"}
+_POINTS = {"perception", "cognition", "total", "score"}  # MME's scores are points, not fractions
+
+
+def _cell(key: str, x: Any) -> str:
+    if isinstance(x, float) and key in _POINTS:
+        return f"{x:.2f}"
+    return _pct(x) if isinstance(x, float) or x is None else str(x)
+
+
+def _print_more(result: Any) -> None:
+    """The other benchmark-specific figures: scalars in one table, each group (MME subtasks,
+    MMBench categories, VizWiz answer types) in its own."""
+    from rich.table import Table
+
+    from vrwkv_cli.common import console
+
+    scalars = {k: v for k, v in result.details.items() if k not in _SHOWN and not isinstance(v, dict)}
+    if scalars:
+        table = Table(title="details")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k, v in scalars.items():
+            table.add_row(k, _cell(k, v))
+        console.print(table)
+    for name, group in result.details.items():
+        if not isinstance(group, dict) or not group or "f1" in group:
+            continue
+        first = next(iter(group.values()))
+        columns = list(first) if isinstance(first, dict) else ["accuracy"]
+        table = Table(title=name)
+        table.add_column("name")
+        for c in columns:
+            table.add_column(c, justify="right")
+        for k, v in group.items():
+            table.add_row(k, *((_cell(c, v.get(c)) for c in columns) if isinstance(v, dict) else (_cell("", v),)))
+        console.print(table)

@@ -16,6 +16,14 @@ from vrwkv_core.eval.answers import Answer, dedupe, read_answers, write_answers
 from vrwkv_core.eval.benchmarks import BENCHMARKS, Benchmark, ScoreResult, get_benchmark
 from vrwkv_core.eval.normalize import normalize_answer
 
+# The benchmarks added beside the first seven live in their own modules (which use
+# benchmarks.py's helpers); they join the one registry here, before anything can look one up.
+from vrwkv_core.eval import docqa, mmbench, mme, mmvet, vizwiz  # isort: skip
+
+for _bench in (*mme.BENCHMARKS, *mmbench.BENCHMARKS, *vizwiz.BENCHMARKS, *mmvet.BENCHMARKS, *docqa.BENCHMARKS):
+    BENCHMARKS.setdefault(_bench.name, _bench)
+del _bench
+
 _LAZY = {"run_eval": "vrwkv_core.eval.generate", "merge_and_score": "vrwkv_core.eval.generate"}
 
 __all__ = [

@@ -89,6 +89,8 @@ class Benchmark:
     LLaVA-1.5's eval question files; None: questions are used as written."""
     writes_submission: bool = False
     """True when scoring writes a submission file (--submission) instead of comparing."""
+    submission_suffix: str = ".evalai.json"
+    """The default submission file: `<answers stem><suffix>` beside the answers."""
 
     def with_suffix(self, question: str) -> str:
         """The question as the model should see it: `prompt_suffix` appended once."""
@@ -103,8 +105,8 @@ class Benchmark:
         questions: str | Path | None = None,
         submission: str | Path | None = None,
     ) -> ScoreResult:
-        """Score an answer file. `submission` (VQAv2 test-dev) defaults to
-        `<answers stem>.evalai.json` beside the answers."""
+        """Score an answer file. `submission` (VQAv2 test-dev, VizWiz test, MM-Vet) defaults
+        to `<answers stem><submission_suffix>` beside the answers."""
         answers = Path(answers)
         if self.requires_questions and questions is None:
             raise DataError(f"{self.name}: --questions is required ({self.questions_help})")
@@ -114,7 +116,7 @@ class Benchmark:
             raise DataError(f"no answers in {answers}")
         out = None
         if self.writes_submission:
-            out = Path(submission) if submission else answers.with_name(answers.stem + ".evalai.json")
+            out = Path(submission) if submission else answers.with_name(answers.stem + self.submission_suffix)
         return self.metric(records, truth, out)
 
 

@@ -40,10 +40,10 @@ from vrwkv_core.eval.questions import (
     Question,
     answer_prompt,
     encode_prompt,
-    load_questions,
     question_text,
     resolve_paths,
 )
+from vrwkv_core.eval.readers import read_questions
 from vrwkv_core.fsutil import atomic_path, atomic_write_text
 from vrwkv_core.infer.chat import load_image
 from vrwkv_core.infer.loading import load_model
@@ -271,7 +271,7 @@ def run_eval(
     if limit is not None and limit < 1:
         raise VrwkvError(f"--limit must be >= 1, got {limit}")
     paths = resolve_paths(bench.name, data_root)
-    questions = load_questions(paths.questions)
+    questions = read_questions(bench.name, paths.questions)
     if limit is not None:
         questions = questions[:limit]
     mine = shard_slice(questions, shard)
@@ -298,10 +298,10 @@ def run_eval(
         done.update(key(a) for a in read_answer_file(path, repair=path == target))
     todo = [q for q in mine if key(_Keyed(q.question_id, answer_prompt(q, bench, prompt_style))) not in done]
     report.n_skipped = len(mine) - len(todo)
-    absent = [q for q in todo if q.image is not None and not (paths.images / q.image).is_file()]
+    absent = [q for q in todo if not _has_image(q, paths)]
     for q in absent:
         _note_missing(report, progress, f"{paths.images / q.image}: image file not found (question {q.question_id})")
-    todo = [q for q in todo if q.image is None or (paths.images / q.image).is_file()]
+    todo = [q for q in todo if _has_image(q, paths)]
 
     if todo:
         if vlm is None:
@@ -317,6 +317,11 @@ def run_eval(
     report.merged, report.n_merged = merge_answers(out, questions, bench, prompt_style)
     report.score, report.scores_file = score_answers(bench, paths, report.merged)
     return report
+
+
+def _has_image(q: Question, paths: EvalPaths) -> bool:
+    """False only for an image question whose image file is not there."""
+    return q.image is None or q.image_data is not None or (paths.images / q.image).is_file()
 
 
 def _note_missing(report: EvalReport, progress: Progress | None, message: str) -> None:
@@ -373,7 +378,7 @@ def _build_input(vlm: Any, tok: RWKVTokenizer, bench: Benchmark, q: Question, pa
         return encode_prompt(text, tok, P, 0, style), None, None
     error = None
     try:
-        image = load_image(paths.images / q.image)
+        image = load_image(q.image_data, name=q.image) if q.image_data is not None else load_image(paths.images / q.image)
     except DataError as err:
         error, image = str(err), Image.new("RGB", (32, 32))
     views = vlm.image_processor.views(image)
@@ -448,7 +453,7 @@ def merge_and_score(out: str | Path) -> EvalReport:
         raise DataError(f"{out}: no answers.jsonl or answers.shard-*-of-*.jsonl to merge")
     bench = get_benchmark(record["benchmark"])
     paths = resolve_paths(bench.name, record["data_root"])
-    questions = load_questions(paths.questions)
+    questions = read_questions(bench.name, paths.questions)
     report = EvalReport(bench.name, out, out / ANSWERS, n_questions=len(questions))
     for p in out.glob("answers.shard-*-of-*.jsonl"):
         m = _SHARD_FILE.match(p.name)

@@ -11,18 +11,30 @@ Expected tree: `--data-root` is the benchmark's folder (or its parent, e.g. LLaV
     scienceqa      scienceqa llava_test_CQM-A.json                       images/test/  ./ (problems.json, pid_splits.json)
     pope           pope      llava_pope_test.jsonl                       val2014/      coco/ (coco_pope_{adversarial,popular,random}.json)
     shapes         shapes    eval/questions.jsonl                        images/       eval/answers.json
+    mme            MME       llava_mme.jsonl                             MME_Benchmark_release_version/ (images and answers)
+    mmbench        mmbench   mmbench_dev_20230712.tsv (images inside)    -             the same TSV
+    mmbench-cn     mmbench_cn mmbench_dev_cn_20231003.tsv                -             the same TSV
+    vizwiz         vizwiz    llava_val.jsonl                             val/          Annotations/val.json
+                             (else) llava_test.jsonl                     test/         Annotations/test.json (EvalAI upload)
+    mmvet          mm-vet    llava-mm-vet.jsonl                          images/       mm-vet.json (grader input)
+    chartqa        chartqa   test/test_human.json + test_augmented.json  test/png/     test/
+    docvqa         docvqa    val/val_v1.0.json                           val/          val/val_v1.0.json
+    infovqa        infovqa   infographicsVQA_val_v1.0_withQT.json        infographicsvqa_images/ (the same JSON)
 
 Question files: LLaVA JSONL (`question_id`, `image`, `text`, optional `category`; the
 text already ends with the benchmark's instruction), ScienceQA's JSON list (`id`,
 optional `image`, `conversations[0].value`; the letter instruction is appended here, as
 LLaVA's `--single-pred-prompt` does), or the official VQAv2 `{"questions": [...]}` file
-(images `COCO_val2014_{image_id:012d}.jpg`). An instruction already at the end of a
+(images `COCO_val2014_{image_id:012d}.jpg`); the release files of MMBench (a TSV with
+base64 images), ChartQA and DocVQA/InfoVQA are read by `readers.py`. An instruction already at the end of a
 question is never added twice. Questions without an image (ScienceQA text-only) are
 answered from text alone.
 
 Prompt styles: `v7` puts the image markers first (`User: <image>\\n{q}\\n\\nAssistant:`);
 `v6` is VisualRWKV v6.0's "middle" prompt, `User: {q without the short-answer line}\\n<image>\\n{q}\\n\\nAssistant:`,
 and, like v6.0's own eval, adds no letter instruction to ScienceQA.
+MMBench's prompt is LLaVA's: hint, question, `A. option` lines, then the letter instruction
+(MMBench-CN: `请直接回答选项字母。`).
 """
 
 from __future__ import annotations
@@ -38,7 +50,7 @@ from vrwkv_core.data.conversation import (
     normalize_turn_text,
 )
 from vrwkv_core.errors import DataError, VrwkvError
-from vrwkv_core.eval.benchmarks import OPTION_LETTER, Benchmark, get_benchmark, read_json, read_jsonl
+from vrwkv_core.eval.benchmarks import Benchmark, get_benchmark, read_json, read_jsonl
 
 if TYPE_CHECKING:
     from vrwkv_core.tokenizer import RWKVTokenizer
@@ -59,7 +71,7 @@ class Layout:
     """Pass the question file to the scorer as --questions (POPE needs its categories)."""
 
 
-LAYOUTS: dict[str, Layout] = {
+LAYOUTS: dict[str, Layout | tuple[Layout, ...]] = {
     "textvqa": Layout("textvqa", "llava_textvqa_val_v051_ocr.jsonl", "train_images", "TextVQA_0.5.1_val.json"),
     "vqav2": Layout("vqav2", "v2_OpenEnded_mscoco_val2014_questions.json", "val2014",
                     "v2_mscoco_val2014_annotations.json", score_with_questions=True),
@@ -69,6 +81,17 @@ LAYOUTS: dict[str, Layout] = {
     "scienceqa": Layout("scienceqa", "llava_test_CQM-A.json", "images/test", "."),
     "pope": Layout("pope", "llava_pope_test.jsonl", "val2014", "coco", score_with_questions=True),
     "shapes": Layout("shapes", "eval/questions.jsonl", "images", "eval/answers.json"),
+    "mme": Layout("MME", "llava_mme.jsonl", "MME_Benchmark_release_version", "MME_Benchmark_release_version"),
+    "mmbench": Layout("mmbench", "mmbench_dev_20230712.tsv", ".", "mmbench_dev_20230712.tsv"),
+    "mmbench-cn": Layout("mmbench_cn", "mmbench_dev_cn_20231003.tsv", ".", "mmbench_dev_cn_20231003.tsv"),
+    # val when its question file is there (scored), else test (scoring writes the EvalAI upload)
+    "vizwiz": (Layout("vizwiz", "llava_val.jsonl", "val", "Annotations/val.json", score_with_questions=True),
+               Layout("vizwiz", "llava_test.jsonl", "test", "Annotations/test.json", score_with_questions=True)),
+    "mmvet": Layout("mm-vet", "llava-mm-vet.jsonl", "images", "mm-vet.json"),
+    "chartqa": Layout("chartqa", "test/test_human.json", "test/png", "test"),
+    "docvqa": Layout("docvqa", "val/val_v1.0.json", "val", "val/val_v1.0.json"),
+    "infovqa": Layout("infovqa", "infographicsVQA_val_v1.0_withQT.json", "infographicsvqa_images",
+                      "infographicsVQA_val_v1.0_withQT.json"),
 }  # fmt: skip
 
 
@@ -87,15 +110,17 @@ def resolve_paths(benchmark: str, data_root: str | Path) -> EvalPaths:
     """The benchmark's files under `data_root` (its folder, or the folder's parent);
     DataError naming the first missing one."""
     name = get_benchmark(benchmark).name
-    layout = LAYOUTS[name]
+    layouts = LAYOUTS[name] if isinstance(LAYOUTS[name], tuple) else (LAYOUTS[name],)
     given = Path(data_root).expanduser()
-    root = next((r for r in (given, given / layout.folder) if (r / layout.questions).is_file()), None)
-    if root is None:
+    found = next(((r, lay) for lay in layouts for r in (given, given / lay.folder) if (r / lay.questions).is_file()), None)
+    if found is None:
+        layout = layouts[0]
         raise DataError(
             f"{name}: question file not found: {given / layout.questions}",
             hint=f"--data-root is the {name} folder holding {layout.questions}, {layout.images}/ and "
                  f"{layout.annotations} (LLaVA: playground/data/eval/{layout.folder})",
         )  # fmt: skip
+    root, layout = found
     paths = EvalPaths(root, root / layout.questions, root / layout.images, (root / layout.annotations),
                       root / layout.questions if layout.score_with_questions else None)  # fmt: skip
     if not paths.images.is_dir():
@@ -116,6 +141,8 @@ class Question:
     image: str | None = None
     """Path relative to the image folder; None for a text-only question."""
     category: str | None = None
+    image_data: bytes | None = None
+    """The encoded image itself, for files that embed their images (MMBench's TSV)."""
 
 
 def load_questions(path: str | Path) -> list[Question]:
@@ -171,7 +198,7 @@ def _vqav2_question(obj: Any, split: str, where: str) -> Question:
 
 def prompt_suffix(bench: Benchmark, style: str) -> str | None:
     """The instruction appended to each question; v6.0's eval added none to ScienceQA."""
-    if style == "v6" and bench.prompt_suffix == OPTION_LETTER:
+    if style == "v6" and bench.name == "scienceqa":
         return None
     return bench.prompt_suffix
 

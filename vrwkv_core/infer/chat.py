@@ -29,6 +29,7 @@ Notable:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -61,34 +62,39 @@ class ContextLengthWarning(UserWarning):
     """The conversation is longer than the model's training context (RNN mode still works)."""
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(path: str | os.PathLike | bytes, max_pixels: int = MAX_IMAGE_PIXELS, name: str = "image") -> Image.Image:
     """Opens an image file fully decoded as RGB; DataError for a missing, unreadable or huge file.
 
-    The size is checked from the header before any pixel is decoded.
+    The size is checked from the header before any pixel is decoded. `bytes` is an encoded
+    image held in memory (MMBench embeds its images in the TSV), called `name` in errors.
     """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"{path}: image file not found")
-    if not path.is_file():
-        raise DataError(f"{path}: not a file")
+    if isinstance(path, bytes):
+        label, source = name, io.BytesIO(path)
+    else:
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise DataError(f"{path}: image file not found")
+        if not path.is_file():
+            raise DataError(f"{path}: not a file")
+        label, source = str(path), path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 w, h = im.size
                 if w * h > max_pixels:
-                    raise DataError(f"{path}: image is {w}x{h} = {w * h:,} pixels, more than the {max_pixels:,} allowed",
+                    raise DataError(f"{label}: image is {w}x{h} = {w * h:,} pixels, more than the {max_pixels:,} allowed",
                                     hint="a decompression bomb or a huge scan: resize it first")  # fmt: skip
                 im.load()
                 return im.convert("RGB")
     except DataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError(f"{path}: image too large ({err})") from None
+        raise DataError(f"{label}: image too large ({err})") from None
     except Image.UnidentifiedImageError:
-        raise DataError(f"{path}: not an image file (PIL cannot identify it)") from None
+        raise DataError(f"{label}: not an image file (PIL cannot identify it)") from None
     except Exception as err:  # truncated or corrupt files raise OSError, SyntaxError, ValueError...
-        raise DataError(f"{path}: cannot decode the image ({type(err).__name__}: {err})") from None
+        raise DataError(f"{label}: cannot decode the image ({type(err).__name__}: {err})") from None
 
 
 def image_key(image: Image.Image) -> str:
