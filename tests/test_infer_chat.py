@@ -168,3 +168,24 @@ def test_bad_images_are_clear_errors(tmp_path: Path):
     with pytest.raises(DataError, match="cut.png"):
         load_image(tmp_path / "cut.png")
     assert load_image(good).size == (40, 30)
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda t: {**t, "wkv.0": t["wkv.0"].to(torch.int32)}, "wkv.0 has dtype int32, expected float32"),
+    (lambda t: {**t, "att_shift.1": t["att_shift.1"][:, :-1].contiguous()}, r"att_shift.1 has shape \(1, 63\)"),
+    (lambda t: {**t, "ffn_shift.0": t["ffn_shift.0"] * float("nan")}, "ffn_shift.0 holds non-finite values"),
+    (lambda t: {**{k: v for k, v in t.items() if k != "wkv.1"}}, "not an RNN state"),
+])  # fmt: skip
+def test_load_refuses_a_tampered_state(tiny_vlm, tokenizer, tmp_path: Path, tamper, message) -> None:
+    from safetensors.torch import load_file, save_file
+
+    chat = ChatSession(tiny_vlm, tokenizer, config=CFG)
+    chat.add_image(_img("red"))
+    chat.ask("What is it?").run()
+    chat.save_state(tmp_path / "s.safetensors")
+    tensors = load_file(str(tmp_path / "s.safetensors"))
+    save_file(tamper(tensors), str(tmp_path / "s.safetensors"), metadata={"format": "vrwkv-rnn-state", "n_layer": "2"})
+    other = ChatSession(tiny_vlm, tokenizer, config=CFG)
+    with pytest.raises(CheckpointError, match=message):
+        other.load_state(tmp_path / "s.safetensors")
+    assert other.state is None  # nothing half-loaded

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vrwkv_core.config import Recipe, recipe_from_dict, recipe_to_dict, recipe_to_yaml
+from vrwkv_core.checkpoint.tensors import first_line
 from vrwkv_core.errors import CheckpointError
 from vrwkv_core.fsutil import atomic_path
 from vrwkv_core.model.rwkv.state import PARTS, RWKVState
@@ -92,16 +93,48 @@ def save_state(state: RWKVState, path: str | Path) -> None:
         save_file(tensors, str(tmp), metadata={"format": STATE_FORMAT, "n_layer": str(state.n_layer)})
 
 
-def load_state(path: str | Path, device: torch.device | str = "cpu") -> RWKVState:
-    """Reads a state written by `save_state`."""
+def load_state(path: str | Path, device: torch.device | str = "cpu", model: Any = None) -> RWKVState:
+    """Reads a state written by `save_state`, checking every tensor's shape and dtype (the shifts
+    floating point [B, C], the WKV matrices float32 [B, H, N, N], one batch size); with `model`
+    (anything with n_layer, n_embd, head_size) the state must also fit that model."""
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
-            n_layer = int(meta.get("n_layer", -1))
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as err:  # safetensors raises its own error type for bad headers
-        raise CheckpointError(f"{path}: cannot read an RNN state ({err})") from None
+        raise CheckpointError(f"{path}: cannot read an RNN state ({first_line(err)})") from None
+    try:
+        n_layer = int(meta.get("n_layer", -1))
+    except ValueError:
+        n_layer = -1
     expected = {f"{part}.{i}" for part in PARTS for i in range(max(n_layer, 0))}
-    if meta.get("format") != STATE_FORMAT or set(tensors) != expected:
+    if meta.get("format") != STATE_FORMAT or n_layer < 1 or set(tensors) != expected:
         raise CheckpointError(f"{path}: not an RNN state written by RWKVState.save")
-    return RWKVState(*([tensors[f"{part}.{i}"] for i in range(n_layer)] for part in PARTS))
+    state = RWKVState(*([tensors[f"{part}.{i}"] for i in range(n_layer)] for part in PARTS))
+    problem = state_mismatch(state, model)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+    return state
+
+
+def state_mismatch(state: RWKVState, model: Any = None) -> str | None:
+    """What is wrong with a state's tensors (for `model`, when given), or None."""
+    B = state.wkv[0].shape[0] if state.wkv[0].dim() == 4 else -1
+    C = state.att_shift[0].shape[-1] if state.att_shift[0].dim() == 2 else -1
+    H, N = (state.wkv[0].shape[1], state.wkv[0].shape[2]) if state.wkv[0].dim() == 4 else (-1, -1)
+    if model is not None:
+        want = (model.n_layer, model.n_embd, model.n_embd // model.head_size, model.head_size)
+        if (state.n_layer, C, H, N) != want:
+            return (f"the state is for {state.n_layer} layers, width {C}, {H} heads of {N}; the model has "
+                    f"{want[0]} layers, width {want[1]}, {want[2]} heads of {want[3]}")
+    for i in range(state.n_layer):
+        for part, t, shape in (("att_shift", state.att_shift[i], (B, C)), ("wkv", state.wkv[i], (B, H, N, N)),
+                               ("ffn_shift", state.ffn_shift[i], (B, C))):  # fmt: skip
+            if tuple(t.shape) != shape:
+                return f"{part}.{i} has shape {tuple(t.shape)}, expected {shape}"
+            if not t.is_floating_point() or (part == "wkv" and t.dtype != torch.float32):
+                return f"{part}.{i} has dtype {str(t.dtype).removeprefix('torch.')}, expected " + (
+                    "float32" if part == "wkv" else "a floating-point type")
+            if not bool(torch.isfinite(t).all()):
+                return f"{part}.{i} holds non-finite values"
+    return None

@@ -309,12 +309,16 @@ class ChatSession:
         dims = self._model_dims()
         if meta.get("model") != dims:
             raise CheckpointError(f"{path}: saved with a different model ({meta.get('model')}), this one is {dims}")
-        state = RWKVState.load(path, device=self.vlm.device).to(dtype=self.vlm.dtype)
+        state = RWKVState.load(path, device=self.vlm.device, model=self.vlm.rwkv).to(dtype=self.vlm.dtype)
+        try:
+            pending = [int(t) for t in meta.get("pending_ids", [])]
+            turns, n_tokens = list(meta.get("turns", [])), int(meta.get("n_tokens", 0))
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{meta_path}: damaged conversation (pending_ids, turns, n_tokens)") from None
+        if any(not 0 <= t < self.vlm.rwkv.vocab_size for t in pending):
+            raise CheckpointError(f"{meta_path}: pending_ids outside the vocabulary")
         self.reset(keep_images=False)
-        self.state = state
-        self.turns = list(meta.get("turns", []))
-        self.pending_ids = [int(t) for t in meta.get("pending_ids", [])]
-        self.n_tokens = int(meta.get("n_tokens", 0))
+        self.state, self.turns, self.pending_ids, self.n_tokens = state, turns, pending, n_tokens
 
     def _model_dims(self) -> dict[str, int]:
         lm = self.vlm.rwkv

@@ -112,8 +112,8 @@ class RWKVState:
         save_state(self, path)
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "RWKVState":
-        """Reads a state written by `save`."""
+    def load(cls, path: str | Path, device: torch.device | str = "cpu", model: Any = None) -> "RWKVState":
+        """Reads a state written by `save` (shapes and dtypes checked; with `model`, also that it fits it)."""
         from vrwkv_core.checkpoint.ours import load_state  # the one way into checkpoint/
 
-        return load_state(path, device)
+        return load_state(path, device, model)
