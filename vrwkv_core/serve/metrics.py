@@ -24,6 +24,8 @@ class Metrics:
                               buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.per_token = Histogram("vrwkv_time_per_output_token_seconds", "Seconds of one batched decode step.",
                                    buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.batch_rows = Histogram("vrwkv_decode_batch_rows", "Rows advanced by one batched decode step.",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)  # fmt: skip
 
     # called by the engine (scheduler thread)
     def set_load(self, active: int, queued: int, cache_bytes: int) -> None:
@@ -43,6 +45,7 @@ class Metrics:
 
     def decode_step(self, rows: int, seconds: float) -> None:
         self.per_token.observe(seconds)
+        self.batch_rows.observe(rows)
 
     def finished(self, n_tokens: int) -> None:
         self.generated.inc(n_tokens)

@@ -186,6 +186,7 @@ class Engine:
                     _send(req, Failed(503, "the server is shutting down", "server_shutting_down"))
                 for rid in list(self._rows):
                     self._finish(rid, "abort")
+                self._batch.remove(list(self._batch.keys))
                 self._gauges()
                 if self._closed:
                     return
@@ -287,9 +288,11 @@ class Engine:
         assert self._batch.logits is not None
         now = time.perf_counter()
         feed: dict[int, int] = {}
+        done: list[int] = []
+        logits = self._batch.logits
         for i, rid in enumerate(list(self._batch.keys)):
             row = self._rows[rid]
-            token = int(row.sampler(self._batch.logits[i : i + 1])[0])
+            token = int(row.sampler(logits[i : i + 1])[0])
             if row.ttft is None:
                 row.ttft = now - row.req.t_submit
                 if self.metrics is not None:
@@ -303,6 +306,8 @@ class Engine:
                 feed[rid] = token
             else:
                 self._finish(rid, reason)
+                done.append(rid)
+        self._batch.remove(done)
         t0 = time.perf_counter()
         if feed:
             self._batch.step([feed[rid] for rid in self._batch.keys])
@@ -310,7 +315,8 @@ class Engine:
                 self.metrics.decode_step(len(feed), time.perf_counter() - t0)
 
     def _finish(self, rid: int, reason: str) -> None:
-        """Ends a row: the held-back text, the result event, its state into the cache."""
+        """Ends a row: the held-back text, the result event, its state into the cache (the caller
+        removes it from the batch)."""
         row = self._rows.pop(rid)
         req = row.req
         if reason not in ("stop_string", "abort"):
@@ -323,7 +329,6 @@ class Engine:
             n_fed = len(row.tokens) - (1 if reason == "length" else 0)
             self.cache.put(self._key(req, len(req.ids), row.tokens[:n_fed]), self._batch.row_state(rid))
             self.memo.put(answer_text(text), row.tokens + [STOP_OF_TURN])
-        self._batch.remove([rid])
         finish = {"stop_token": "stop", "stop_string": "stop"}.get(reason, reason)
         if self.metrics is not None:
             self.metrics.finished(len(row.tokens))
