@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from PIL import Image
 
 API_KEY = "test-key"
+COLORS = [(220, 30, 30), (30, 200, 40), (30, 40, 210), (230, 220, 20)]
 
 
 def free_port() -> int:
@@ -69,3 +71,15 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(15)
         self.engine.close()
+
+
+@pytest.fixture(scope="session")
+def live(tiny_trained, tmp_path_factory):
+    """The server on 127.0.0.1 (free port) with the shared tiny model, an API key, and an image
+    root holding red.png (import this fixture into a test module to use it)."""
+    root = tmp_path_factory.mktemp("image_root")
+    Image.new("RGB", (40, 30), COLORS[0]).save(root / "red.png")
+    srv = LiveServer(tiny_trained["finetune"], root)
+    srv.root = root
+    yield srv
+    srv.stop()

@@ -16,20 +16,9 @@ from PIL import Image
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from serve_helpers import API_KEY, LiveServer, data_url  # noqa: E402
+from serve_helpers import API_KEY, data_url, live  # noqa: E402,F401 (live: the server fixture)
 
-COLORS = [(220, 30, 30), (30, 200, 40), (30, 40, 210), (230, 220, 20)]
-
-
-@pytest.fixture(scope="session")
-def live(tiny_trained, tmp_path_factory):
-    """The server on 127.0.0.1 (free port) with the shared tiny model; an image root with one image."""
-    root = tmp_path_factory.mktemp("image_root")
-    Image.new("RGB", (40, 30), COLORS[0]).save(root / "red.png")
-    srv = LiveServer(tiny_trained["finetune"], root)
-    srv.root = root
-    yield srv
-    srv.stop()
+from serve_helpers import COLORS  # noqa: E402
 
 
 @pytest.fixture

@@ -79,7 +79,8 @@ def serve(
 
 
 class _Server(uvicorn.Server):
-    """uvicorn.Server whose exit signal first ends the running answers (else streams hold it open)."""
+    """uvicorn.Server whose exit signal first ends the running answers (else streams hold it open)
+    and that returns normally after the signal."""
 
     def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
         super().__init__(config)
@@ -88,6 +89,8 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.on_exit()
         super().handle_exit(sig, frame)
+        # uvicorn re-raises the captured signal after its shutdown; a stop on request exits 0
+        self._captured_signals.clear()
 
 
 __all__ = ["resolve_host", "serve"]
