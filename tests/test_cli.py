@@ -15,7 +15,7 @@ import pytest
 from vrwkv_cli.main import BUILTINS, build_cli, run
 
 REPO = Path(__file__).resolve().parents[1]
-EXPECTED = ["download", "prepare-data", "pretrain", "finetune", "eval", "chat", "bench", "env", "export"]
+EXPECTED = ["download", "prepare-data", "pretrain", "finetune", "eval", "chat", "serve", "bench", "env", "export"]
 
 
 def _vrwkv(*args: str, extra_path: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -77,3 +77,33 @@ def generate(threads: ThreadsOpt = 2, as_json: JsonOpt = False) -> None:
 
     rows = run_generate_bench(threads=threads)
     print_rows(rows, "generation", as_json)
+
+
+@app.command()
+def serve(
+    threads: ThreadsOpt = 2,
+    layers: Annotated[int, typer.Option(help="Layers of the random model.")] = 12,
+    embd: Annotated[int, typer.Option(help="Width of the random model.")] = 768,
+    vocab: Annotated[int, typer.Option(help="Vocabulary of the random model.")] = 65536,
+    clients: Annotated[str, typer.Option(help="Concurrent clients to measure, comma-separated.")] = "1,4,16",
+    decode_tokens: Annotated[int, typer.Option(help="Tokens each client asks for.")] = 32,
+    conversation: Annotated[int, typer.Option(help="Tokens of the conversation before the follow-up turn.")] = 2000,
+    device: Annotated[str, typer.Option(help="cpu or cuda (fp32).")] = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """The serving engine: decode tokens/s at 1, 4, 16 concurrent clients; follow-up TTFT with the
+    state cache vs re-prefilling the conversation (0.1B shape, random weights).
+
+    Example: vrwkv bench serve
+    """
+    from vrwkv_cli.common import print_rows
+    from vrwkv_core.bench.serve import run_serve_bench
+    from vrwkv_core.errors import VrwkvError
+
+    try:
+        ks = tuple(int(k) for k in clients.split(","))
+    except ValueError:
+        raise VrwkvError(f"--clients {clients!r}: give comma-separated numbers, e.g. 1,4,16") from None
+    rows = run_serve_bench(threads=threads, n_layer=layers, n_embd=embd, vocab_size=vocab, clients=ks,
+                           decode_tokens=decode_tokens, conversation=conversation, device=device)  # fmt: skip
+    print_rows(rows, f"serve engine L{layers} D{embd} random weights", as_json)

@@ -31,6 +31,7 @@ BUILTINS: dict[str, str] = {
     "finetune": "vrwkv_cli.train:finetune_app",
     "eval": "vrwkv_cli.eval:app",
     "chat": "vrwkv_cli.chat:app",
+    "serve": "vrwkv_cli.serve:app",
     "bench": "vrwkv_cli.bench:app",
     "env": "vrwkv_cli.env:app",
     "export": "vrwkv_cli.export:app",

@@ -3,6 +3,7 @@
     from vrwkv_core.infer import ChatSession, GenerationConfig, generate, generate_batch, load_model
 """
 
+from vrwkv_core.infer.batch import DecodeBatch
 from vrwkv_core.infer.chat import ChatSession, ContextLengthWarning, image_key, load_image
 from vrwkv_core.infer.generate import (
     Generation,
@@ -13,6 +14,7 @@ from vrwkv_core.infer.generate import (
     generate_many,
     generate_stream,
     prefill,
+    take_token,
 )
 from vrwkv_core.infer.loading import context_length, load_model, resolve_device, resolve_dtype
 from vrwkv_core.infer.sampling import GenerationConfig, Sampler
@@ -20,6 +22,7 @@ from vrwkv_core.infer.sampling import GenerationConfig, Sampler
 __all__ = [
     "ChatSession",
     "ContextLengthWarning",
+    "DecodeBatch",
     "Generation",
     "GenerationConfig",
     "GenerationResult",
@@ -36,4 +39,5 @@ __all__ = [
     "prefill",
     "resolve_device",
     "resolve_dtype",
+    "take_token",
 ]

@@ -201,6 +201,9 @@ def _take(token: int, tokens: list[int], text: TextAssembler, stops: set[int], m
     return piece, "length" if len(tokens) >= max_new else None
 
 
+take_token = _take  # the public name, for schedulers outside this module (vrwkv_core.serve)
+
+
 class Generation:
     """Streams one answer from prefilled (logits, state): iterate for text pieces.
 
@@ -471,4 +474,5 @@ __all__ = [
     "generate_many",
     "generate_stream",
     "prefill",
+    "take_token",
 ]
