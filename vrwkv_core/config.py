@@ -51,7 +51,7 @@ class TinyTowerSection:
     """Patch size in pixels."""
     stem: str = "patch"
     """Patch embedding: `patch` (one strided conv, plain ViT) or `conv` (3x3 stride-2 convs
-    with GroupNorm, one per halving; learns shape kinds from scratch much faster)."""
+    with GroupNorm, one per halving; classifies shape kinds much sooner when trained directly)."""
 
 
 @dataclass
