@@ -422,6 +422,27 @@ def test_shapes_and_cli_table(tmp_path: Path) -> None:
     assert "66.67%" in result.output and "1 repeated answer line" in result.output
 
 
+def test_shapes_scores_each_question_category(tmp_path: Path) -> None:
+    annotations = write_json(tmp_path / "eval" / "answers.json", {
+        "0": ["red"], "1": ["blue"], "2": ["2", "two"], "3": ["yes"], "4": ["A"]})
+    write_jsonl(tmp_path / "eval" / "questions.jsonl", [
+        {"question_id": str(i), "image": "x.png", "text": "q", "category": c}
+        for i, c in enumerate(["color", "color", "count", "presence", "choice"])])
+    answers = write_jsonl(tmp_path / "ans.jsonl", [
+        {"question_id": "0", "text": "red"}, {"question_id": "1", "text": "green"},  # color 1/2
+        {"question_id": "2", "text": "two"}, {"question_id": "3", "text": "no"},  # count 1/1, presence 0/1
+    ])  # choice: not answered
+    out = cli_json(["shapes", "--answers", str(answers), "--annotations", str(annotations)])
+    assert out["accuracy"] == pytest.approx(2 / 4) and out["missing"] == 1
+    assert {k: out[k] for k in ("color", "count", "presence")} == {
+        "color": {"accuracy": 0.5, "count": 2}, "count": {"accuracy": 1.0, "count": 1},
+        "presence": {"accuracy": 0.0, "count": 1}}
+    assert "choice" not in out
+    table = CliRunner().invoke(app, ["score", "shapes", "--answers", str(answers), "--annotations", str(annotations)])
+    assert table.exit_code == 0, table.output
+    assert "per category" in table.output and "50.00%" in table.output and "precision" not in table.output
+
+
 # ---------------------------------------------------------------- errors and the CLI surface
 
 def test_score_errors(tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
 """The README's main job, end to end: scripts/tiny.sh in a fresh folder (slow, run in CI).
 
 Prepares the shapes data, pretrains and finetunes the tiny recipe on CPU, evaluates on the
-held-out shapes benchmark and answers one chat question; the finetuned model must answer
-far above chance (about 35% for these question types).
+held-out shapes benchmark and answers one chat question. The finetuned model must answer
+far above chance overall (about 35% for these question types) and solve counting; the other
+categories need shape kinds, which the tiny tower does not learn yet (issue 28: the aim is
+85% in every category), so they are printed, not asserted.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+CATEGORIES = ("color", "count", "presence", "choice")
 CHANCE = 0.35
 MIN_ACCURACY = 0.55
+MIN_COUNT_ACCURACY = 0.85
 
 
 @pytest.mark.slow
@@ -34,8 +38,10 @@ def test_main_job_learns_the_shapes(tmp_path):
         for name in ("config.yaml", "model.safetensors", "last.ckpt", "metrics.csv", "loss.png"):
             assert (tmp_path / "out" / "tiny" / stage / name).is_file(), f"{stage}/{name}"
     scores = json.loads((tmp_path / "out" / "tiny" / "eval" / "scores.json").read_text())
-    accuracy = scores["accuracy"]
-    print(f"tiny recipe: shapes accuracy {accuracy:.3f}", file=sys.stderr)
-    assert accuracy >= MIN_ACCURACY > CHANCE
+    per_category = {cat: scores[cat]["accuracy"] for cat in CATEGORIES}
+    print(f"tiny recipe: shapes accuracy {scores['accuracy']:.3f}, per category {per_category}", file=sys.stderr)
+    assert sum(scores[cat]["count"] for cat in CATEGORIES) == scores["count"]
+    assert scores["accuracy"] >= MIN_ACCURACY > CHANCE
+    assert per_category["count"] >= MIN_COUNT_ACCURACY, per_category
     answer = proc.stdout.strip().splitlines()[-1].strip()
     assert answer in {"1", "2", "3", "one", "two", "three"}, answer

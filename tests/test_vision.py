@@ -92,6 +92,22 @@ def test_tiny_tower_pools_its_grid_to_tokens_per_image() -> None:
     torch.testing.assert_close(out, pooled.flatten(2).transpose(1, 2))
 
 
+def test_tiny_conv_stem_replaces_the_patch_projection() -> None:
+    torch.manual_seed(0)
+    cfg = VisionSection(towers=["tiny"], image_size=64, tiny=TinyTowerSection(width=32, depth=1, heads=2, patch_size=8, stem="conv"))
+    towers = VisionTowers(cfg, tokens_per_image=64)
+    proj = towers.featurizer("tiny").patch_embed.proj
+    convs = [m for m in proj if isinstance(m, torch.nn.Conv2d)]
+    # 64 -> 32 -> 16 -> 8: three 3x3 stride-2 convs (3 -> 8 -> 16 -> 32 channels), then 1x1 to the width
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (3, 8, (3, 3), (2, 2)), (8, 16, (3, 3), (2, 2)), (16, 32, (3, 3), (2, 2)), (32, 32, (1, 1), (1, 1))]
+    assert towers({"tiny": torch.randn(2, 3, 64, 64)}).shape == (2, 64, 32)
+    assert "tiny_featurizer.patch_embed.proj.0.weight" in towers.state_dict()
+    bad = VisionSection(towers=["tiny"], image_size=60, tiny=TinyTowerSection(patch_size=6, stem="conv"))
+    with pytest.raises(RecipeError, match="conv stem needs a power of 2"):
+        VisionTowers(bad, tokens_per_image=16)
+
+
 def test_more_tokens_than_patches_is_a_recipe_error() -> None:
     with pytest.raises(RecipeError, match="tokens_per_image"):
         VisionTowers(TINY_VISION, tokens_per_image=100)

@@ -198,10 +198,12 @@ def _print_table(result: Any, answers: Path) -> None:
     categories = {k: v for k, v in result.details.items() if isinstance(v, dict) and "f1" in v}  # POPE
     if categories:
         cat_table = Table(title="per category")
-        for col in ("category", "count", "accuracy", "precision", "recall", "f1", "yes_ratio"):
+        # POPE has all these columns; shapes only count and accuracy
+        cols = [k for k in ("accuracy", "precision", "recall", "f1", "yes_ratio") if any(k in m for m in categories.values())]
+        for col in ("category", "count", *cols):
             cat_table.add_column(col, justify="left" if col == "category" else "right")
         for cat, m in categories.items():
-            cat_table.add_row(cat, str(m["count"]), *(_pct(m[k]) for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")))
+            cat_table.add_row(cat, str(m["count"]), *(_pct(m.get(k)) for k in cols))
         console.print(cat_table)
     _print_more(result)
     for note in _notes(result):

@@ -54,6 +54,9 @@ class TinyTowerSection:
     """Attention heads."""
     patch_size: int = 8
     """Patch size in pixels."""
+    stem: str = "patch"
+    """Patch embedding: `patch` (one strided conv, plain ViT) or `conv` (3x3 stride-2 convs
+    with GroupNorm, one per halving; classifies shape kinds much sooner when trained directly)."""
 
 
 @dataclass
@@ -243,6 +246,7 @@ _CHOICES = {
     "model.rwkv.wkv_backend": WKV_BACKENDS,
     "model.projector.type": ("mlp", "linear"),
     "model.image_position": ("first", "middle"),
+    "model.vision.tiny.stem": ("patch", "conv"),
     "hardware.accelerator": ("auto", "cpu", "gpu", "cuda"),
     "hardware.precision": ("bf16", "fp32"),
     "hardware.strategy": ("auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"),

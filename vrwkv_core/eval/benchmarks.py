@@ -58,8 +58,8 @@ class ScoreResult:
     duplicates: int = 0
     """Answer lines dropped because their question was answered earlier in the file."""
     details: dict[str, Any] = field(default_factory=dict)
-    """Benchmark-specific numbers: `img_accuracy` (ScienceQA), one dict per POPE category,
-    `submission` (VQAv2 test-dev)."""
+    """Benchmark-specific numbers: `img_accuracy` (ScienceQA), one dict per POPE or shapes
+    category, `submission` (VQAv2 test-dev)."""
 
     def to_json(self) -> dict[str, Any]:
         """The `--json` object."""
@@ -481,6 +481,8 @@ def _metric_pope(answers: list[Answer], truth: _PopeTruth, _out: Path | None) ->
 class _ShapesTruth:
     path: Path
     accepted: dict[str, list[str]]
+    categories: dict[str, str]
+    """question id -> category, from the questions.jsonl beside answers.json (empty if none)."""
 
 
 def _load_shapes(annotations: Path, questions: Path | None) -> _ShapesTruth:
@@ -497,14 +499,24 @@ def _load_shapes(annotations: Path, questions: Path | None) -> _ShapesTruth:
         if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
             raise DataError(f"{path}: [{qid!r}] must be a non-empty list of strings")
         accepted[str(qid)] = values
-    return _ShapesTruth(path, accepted)
+    questions = questions or path.parent / "questions.jsonl"
+    categories = {}
+    if questions.is_file():
+        categories = {str(q["question_id"]): str(q["category"]) for _, q in read_jsonl(questions, "shapes questions")
+                      if "question_id" in q and "category" in q}  # fmt: skip
+    return _ShapesTruth(path, accepted, categories)
 
 
 def _metric_shapes(answers: list[Answer], truth: _ShapesTruth, _out: Path | None) -> ScoreResult:
     _check_known(answers, lambda a: a.key in truth.accepted, truth.path)
     kept, dup = dedupe(answers)
     scores = [float(metrics.shapes_correct(a.text, truth.accepted[a.key])) for a in kept]
-    return ScoreResult("shapes", _mean(scores), len(kept), len(truth.accepted) - len(kept), dup)
+    by_cat: dict[str, list[float]] = {}
+    for a, score in zip(kept, scores):
+        if a.key in truth.categories:
+            by_cat.setdefault(truth.categories[a.key], []).append(score)
+    details = {cat: {"accuracy": _mean(v), "count": len(v)} for cat, v in by_cat.items()}  # per question category
+    return ScoreResult("shapes", _mean(scores), len(kept), len(truth.accepted) - len(kept), dup, details)
 
 
 # ---------------------------------------------------------------- registry

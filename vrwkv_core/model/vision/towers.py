@@ -133,10 +133,30 @@ def _build_tiny(vision_cfg: VisionSection, size: int) -> nn.Module:
         )
     if t.width % t.heads:
         raise RecipeError(f"model.vision.tiny.width: {t.width} is not a multiple of heads {t.heads}")
-    return VisionTransformer(
+    if t.stem == "conv" and (t.patch_size < 2 or t.patch_size & (t.patch_size - 1)):
+        raise RecipeError(f"model.vision.tiny.patch_size: the conv stem needs a power of 2 (got {t.patch_size})")
+    vit = VisionTransformer(
         img_size=size, patch_size=t.patch_size, embed_dim=t.width, depth=t.depth, num_heads=t.heads,
         num_classes=0, class_token=False, global_pool="", fc_norm=False,
     )
+    if t.stem == "conv":
+        vit.patch_embed.proj = conv_stem(t.width, t.patch_size)
+    return vit
+
+
+def conv_stem(width: int, patch_size: int) -> nn.Sequential:
+    """3x3 stride-2 conv + GroupNorm + GELU per halving of the image (..., C/2, C), then a 1x1 conv.
+
+    Replaces the tiny ViT's one strided patch projection: early convolutions see edges and
+    corners inside a patch, which a linear patch embedding trained from scratch learns only
+    slowly (Xiao et al. 2021, "Early convolutions help transformers see better").
+    """
+    n = patch_size.bit_length() - 1  # halvings
+    chans = [3] + [max(8, width >> (n - 1 - i)) for i in range(n)]
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip(chans, chans[1:]):
+        layers += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.GroupNorm(min(8, c_out // 4), c_out), nn.GELU()]
+    return nn.Sequential(*layers, nn.Conv2d(chans[-1], width, 1))
 
 
 TOWERS: dict[str, TowerSpec] = {
