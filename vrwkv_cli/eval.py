@@ -195,7 +195,8 @@ def _print_table(result: Any, answers: Path) -> None:
         table.add_row("submission", str(result.details["submission"]))
         table.add_row("ids written", str(result.details["written"]))
     console.print(table)
-    categories = {k: v for k, v in result.details.items() if isinstance(v, dict) and "f1" in v}  # POPE
+    # per-category figures (POPE, shapes): a dict with its own count and accuracy
+    categories = {k: v for k, v in result.details.items() if isinstance(v, dict) and {"count", "accuracy"} <= set(v)}
     if categories:
         cat_table = Table(title="per category")
         # POPE has all these columns; shapes only count and accuracy
