@@ -166,7 +166,8 @@ class StageModule(pl.LightningModule):
         self._deepspeed = recipe.hardware.strategy.startswith("deepspeed")
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        hidden, _ = self.model(batch["input_ids"], batch.get("images"), batch.get("image_counts"), logits="hidden")
+        hidden, _ = self.model(batch["input_ids"], batch.get("images"), batch.get("image_counts"), logits="hidden",
+                               partial_images=bool(batch.get("partial_images")))
         return sequence_loss(hidden, batch["labels"].to(hidden.device), self.model.rwkv.head, self.stage.l2wrap, self.stage.loss_mean)
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
