@@ -82,8 +82,6 @@ class VisionSection:
     """Keep towers frozen (no grads, eval mode). Set false to train them."""
     tiling: bool = False
     """Split images larger than 896x896 into the original's least-waste grid of 448 tiles plus the global view."""
-    grid_size: int = -1
-    """v6.0 CLIP tower pooling: -1 = 576 patches + CLS (the released files), 0 = CLS only, 1 = mean + CLS, g = g*g pooled patches + CLS."""
     checkpoints: TowerFilesSection = field(default_factory=TowerFilesSection)
     """Tower weight files, used when building a new model from an RWKV World .pth."""
     tiny: TinyTowerSection = field(default_factory=TinyTowerSection)
@@ -112,8 +110,6 @@ class ModelSection:
     """Image tokens per image after adaptive pooling (a square number)."""
     image_position: str = "first"
     """Where the image goes in the human turn: `first` (v7.00), `middle` (v6.0 finetune: every human turn, then the image, then its own text) or `last` (`text\\n<image>`)."""
-    prefill_pad: bool = True
-    """v7.00: left-pad the first prefill of a conversation at eval and chat with (-T) mod 16 embeddings of token 261, as the original's forward does."""
 
 
 @dataclass
@@ -324,10 +320,6 @@ def _validate(recipe: Recipe, source: str) -> None:
         raise bad("data.val_fraction", "must be in [0, 1)")
     if recipe.hardware.devices <= 0 or recipe.hardware.nodes <= 0:
         raise bad("hardware.devices", "devices and nodes must be positive")
-    if "clip" not in recipe.model.vision.towers and recipe.model.vision.grid_size != -1:
-        raise bad("model.vision.grid_size", "only the clip tower (v6.0) pools by grid_size; keep -1")
-    if recipe.model.vision.grid_size < -1:
-        raise bad("model.vision.grid_size", "must be -1, 0 or a positive grid side")
     for stage in ("pretrain", "finetune"):
         _derive_grad_accum(recipe, stage, bad)
 
