@@ -145,8 +145,9 @@ def test_normalize_is_idempotent():
 
 
 def test_middle_image_position_two_turns(tok, trie):
-    """v6.0's finetune placement: `User: {q without the short-answer line}\\n<image>\\n{q}`,
-    each side tokenised separately; the follow-up turn and the answers are unchanged."""
+    """v6.0's finetune placement: `User: {every question, the image turn's without the
+    short-answer line}\\n<image>\\n{q}` (issue 23), each side tokenised separately; the
+    follow-up turn and the answers are unchanged."""
     short = "Answer the question using a single word or phrase."
     conv = [
         {"from": "human", "value": f"<image>\nWhat is on the table?\n{short}"},
@@ -154,7 +155,7 @@ def test_middle_image_position_two_turns(tok, trie):
         {"from": "human", "value": "How many?"},
         {"from": "gpt", "value": "Three."},
     ]
-    h1 = trie.encode("User: What is on the table?\n") + IMG + trie.encode(f"\nWhat is on the table?\n{short}\n\n")
+    h1 = trie.encode("User: What is on the table?\nHow many?\n") + IMG + trie.encode(f"\nWhat is on the table?\n{short}\n\n")
     g1, g1l = gpt_turn(trie, "Apples")
     h2 = trie.encode("User: How many?\n\n")
     g2, g2l = gpt_turn(trie, "Three.")
@@ -162,11 +163,11 @@ def test_middle_image_position_two_turns(tok, trie):
     assert ids == h1 + g1 + h2 + g2
     assert labels == [M] * len(h1) + g1l + [M] * len(h2) + g2l
     start = ids.index(IMAGE_TOKEN_ID)
-    assert start == len(trie.encode("User: What is on the table?\n"))
+    assert start == len(trie.encode("User: What is on the table?\nHow many?\n"))
     assert labels[start : start + TPI] == [M] * TPI
     # the default stays `first`; a prepare-data record (marker in front) gives the same middle ids
     assert encode_conversation(conv, tok, TPI)[0][: len(trie.encode("User: ")) + TPI] == trie.encode("User: ") + IMG
     conv[0]["value"] = normalize_turn_text("human", conv[0]["value"])
     assert encode_conversation(conv, tok, TPI, image_position="middle") == (ids, labels)
     with pytest.raises(ValueError, match="image_position"):
-        encode_conversation(conv, tok, TPI, image_position="last")
+        encode_conversation(conv, tok, TPI, image_position="end")

@@ -38,9 +38,9 @@ def test_main_job_learns_the_shapes(tmp_path):
         for name in ("config.yaml", "model.safetensors", "last.ckpt", "metrics.csv", "loss.png"):
             assert (tmp_path / "out" / "tiny" / stage / name).is_file(), f"{stage}/{name}"
     scores = json.loads((tmp_path / "out" / "tiny" / "eval" / "scores.json").read_text())
-    per_category = {cat: scores[cat]["accuracy"] for cat in CATEGORIES}
+    per_category = {cat: scores["categories"][cat]["accuracy"] for cat in CATEGORIES}
     print(f"tiny recipe: shapes accuracy {scores['accuracy']:.3f}, per category {per_category}", file=sys.stderr)
-    assert sum(scores[cat]["count"] for cat in CATEGORIES) == scores["count"]
+    assert sum(scores["categories"][cat]["count"] for cat in CATEGORIES) == scores["count"]
     assert scores["accuracy"] >= MIN_ACCURACY > CHANCE
     assert per_category["count"] >= MIN_COUNT_ACCURACY, per_category
     answer = proc.stdout.strip().splitlines()[-1].strip()

@@ -52,14 +52,21 @@ def test_sequence_loss_is_per_sample_mean_then_batch_mean():
     assert n0 == 0 and loss0.item() == 0.0
 
 
-def test_logit_l2_adds_half_mean_square_of_max_logit():
+def test_l2wrap_leaves_the_loss_and_adds_the_originals_gradient():
     torch.manual_seed(1)
     head = torch.nn.Linear(4, 5, bias=False)
     hidden, labels = torch.randn(1, 3, 4), torch.tensor([[-100, 1, 2]])
     base, _ = sequence_loss(hidden, labels, head)
-    reg, _ = sequence_loss(hidden, labels, head, logit_l2=0.1)
-    mx = head(hidden[0, :2]).max(-1).values
-    assert (reg - base).item() == pytest.approx(0.05 * mx.pow(2).mean().item(), rel=1e-4)
+    h = hidden.clone().requires_grad_(True)
+    wrapped, _ = sequence_loss(h, labels, head, l2wrap=0.1)
+    assert wrapped.item() == base.item()  # the value is untouched
+    wrapped.backward()
+    h0 = hidden.clone().requires_grad_(True)
+    sequence_loss(h0, labels, head)[0].backward()
+    # by hand: d/dh of sum_t (0.1 / (B*T)) * max_t * logit_t[argmax_t], max held constant
+    y = head(hidden).detach()[0]  # [T, V]
+    extra = torch.stack([(0.1 / 3) * y[t].max() * head.weight[y[t].argmax()] for t in range(3)])
+    assert torch.allclose(h.grad[0] - h0.grad[0], extra, atol=1e-6)
 
 
 def test_released_freezing(tiny_recipe):

@@ -219,7 +219,7 @@ def test_recipe_loads() -> None:
     assert (m.projector.type, m.tokens_per_image, m.image_position) == ("linear", 577, "middle")
     assert (r.pretrain.lr_init, r.pretrain.lr_final, r.finetune.lr_init, r.finetune.lr_final) == (1e-3, 1e-5, 3e-5, 1.5e-5)
     assert r.finetune.frozen == ["rwkv.emb"] and r.pretrain.trainable == ["projector"]
-    assert (r.data.ctx_len, r.hardware.precision, r.hardware.strategy) == (2048, "bf16", "deepspeed_stage_1")
+    assert (r.data.ctx_len, r.hardware.precision, r.hardware.strategy) == (1024, "bf16", "deepspeed_stage_1")  # the v6.0 scripts: ctx 1024 (issue 23)
     # stage 1 trained with the image first, stage 2 (and chat/eval) with the model's middle
     assert (r.pretrain.image_position, r.finetune.image_position) == ("first", None)
 
@@ -246,7 +246,7 @@ def test_stage_image_position_decides_the_training_samples(tmp_path: Path) -> No
     same = load_recipe(REPO / "recipes" / "v6-1b6.yaml", ["data.val_fraction=0", "pretrain.image_position=null"])
     assert StageData(same, "pretrain", paths, lambda im: im, 4).dataset.image_position == "middle"
     with pytest.raises(RecipeError, match="pretrain.image_position"):
-        load_recipe(REPO / "recipes" / "v6-1b6.yaml", ["pretrain.image_position=last"])
+        load_recipe(REPO / "recipes" / "v6-1b6.yaml", ["pretrain.image_position=end"])
 
 
 # ---------------------------------------------------------------- the v6.0 model end to end

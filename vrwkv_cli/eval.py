@@ -195,8 +195,9 @@ def _print_table(result: Any, answers: Path) -> None:
         table.add_row("submission", str(result.details["submission"]))
         table.add_row("ids written", str(result.details["written"]))
     console.print(table)
-    # per-category figures (POPE, shapes): a dict with its own count and accuracy
-    categories = {k: v for k, v in result.details.items() if isinstance(v, dict) and {"count", "accuracy"} <= set(v)}
+    # per-category figures: POPE's at the top level, shapes' under "categories" (each with count and accuracy)
+    found = {**result.details, **(result.details.get("categories") or {})}
+    categories = {k: v for k, v in found.items() if isinstance(v, dict) and {"count", "accuracy"} <= set(v)}
     if categories:
         cat_table = Table(title="per category")
         # POPE has all these columns; shapes only count and accuracy

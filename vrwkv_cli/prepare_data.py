@@ -32,6 +32,10 @@ def _print_prepare_summary(report: Any) -> None:
     for reason, n in s["reject_reasons"].items():
         table.add_row(f"  {reason}", str(n))
     table.add_row("images", str(s["images"]))
+    if s.get("rounds"):
+        r = s["rounds"]
+        table.add_row(f"rounds (max {r['max_rounds']})", f"{r['source_records']} records -> {r['records_out']} "
+                      f"({r['pairs_dropped']} empty rounds, {r['records_dropped']} records dropped)")
     if s["lengths"]:
         L = s["lengths"]
         table.add_row(f"length ({s['length_unit']})", f"p50 {L['p50']:g}  p90 {L['p90']:g}  p99 {L['p99']:g}  max {L['max']}")
@@ -51,6 +55,8 @@ def llava(
     ctx_len: Annotated[Optional[int], typer.Option(help="Also count records longer than this (needs --tokens-per-image).")] = None,
     workers: Annotated[int, typer.Option(help="Worker processes checking records and decoding images (default: the CPU count, at most 8).", show_default=False, min=1)] = min(8, os.cpu_count() or 1),
     shuffle_seed: Annotated[Optional[int], typer.Option(help="Write data.jsonl in a seeded random order instead of source order.")] = None,
+    max_rounds: Annotated[Optional[int], typer.Option(help="The original's passes: drop rounds with an empty answer, split records into chunks of at most N rounds (v7.00 0.1B: 5; v6.0: 10 with --no-readd-instruction).", min=1)] = None,
+    readd_instruction: Annotated[bool, typer.Option("--readd-instruction/--no-readd-instruction", help="With --max-rounds: append the short-answer instruction to later chunks' first question when the record's first had it (v7.00).")] = True,
 ) -> None:
     """Check every record and image of a LLaVA file; write the good records and a report.
 
@@ -61,7 +67,8 @@ def llava(
     try:
         report = prepare_llava(json_file, image_folder, out, max_reject_fraction=max_reject_fraction,
                                tokens_per_image=tokens_per_image, ctx_len=ctx_len, workers=workers,
-                               shuffle_seed=shuffle_seed, progress=RichProgress())
+                               shuffle_seed=shuffle_seed, progress=RichProgress(),
+                               max_rounds=max_rounds, readd_instruction=readd_instruction)
     except DataError as err:
         if getattr(err, "report", None) is not None:
             _print_prepare_summary(err.report)  # type: ignore[attr-defined]

@@ -84,7 +84,7 @@ class VisionSection:
     freeze: bool = True
     """Keep towers frozen (no grads, eval mode). Set false to train them."""
     tiling: bool = False
-    """Split large images into a best-fit grid of tiles plus the global view."""
+    """Split images larger than 896x896 into the original's least-waste grid of 448 tiles plus the global view."""
     checkpoints: TowerFilesSection = field(default_factory=TowerFilesSection)
     """Tower weight files, used when building a new model from an RWKV World .pth."""
     tiny: TinyTowerSection = field(default_factory=TinyTowerSection)
@@ -112,7 +112,7 @@ class ModelSection:
     tokens_per_image: int = 1024
     """Image tokens per image after adaptive pooling (a square number)."""
     image_position: str = "first"
-    """Where the image goes in the human turn: `first` (v7.00) or `middle` (v6.0 finetune)."""
+    """Where the image goes in the human turn: `first` (v7.00), `middle` (v6.0 finetune: every human turn, then the image, then its own text) or `last` (`text\\n<image>`)."""
 
 
 @dataclass
@@ -131,6 +131,10 @@ class DataSection:
     """Longest training sample in tokens; longer ones are truncated keeping whole images."""
     val_fraction: float = 0.02
     """Held-out fraction of the records for validation loss."""
+    order: str = "shuffle"
+    """Sample order: `shuffle` (seeded permutation per epoch) or `original` (the original's k^3 mod p visiting order; use val_fraction 0)."""
+    truncation: str = "whole_images"
+    """Cutting samples longer than ctx_len: `whole_images` (keep the head, never cut inside an image) or `original` (v7.00: the first ctx_len tokens; v6.0: the last ctx_len when the first hold no label)."""
     skip_bad_images: bool = False
     """Drop samples whose image fails to load (counted and logged) instead of stopping."""
     num_workers: int = 0
@@ -162,13 +166,21 @@ class StageSection:
     micro_batch: int = 1
     """Samples per device per forward; lower it if you run out of memory."""
     grad_accum: int = 1
-    """Micro batches per optimizer step."""
+    """Micro batches per optimizer step (derived when global_batch is set)."""
+    global_batch: Optional[int] = None
+    """Samples per optimizer step; when set, grad_accum = global_batch / (micro_batch x devices x nodes), which must divide."""
+    devices: Optional[int] = None
+    """Devices per node for this stage; null uses hardware.devices."""
     weight_decay: float = 0.0
     """AdamW weight decay (matrices only)."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0 disables)."""
-    logit_l2: float = 0.0
-    """Coefficient of the L2 penalty on the max logit (RWKV training's regulariser)."""
+    l2wrap: float = 0.0
+    """The original's L2Wrap: backward adds max_logit * l2wrap / (B*T) at the argmax logit of every position (1.0e-4 in the released recipes; 0 disables)."""
+    loss_mean: str = "labelled_samples"
+    """Batch mean of the per-sample losses: over `labelled_samples`, or over `all_samples` (the original: samples without labels count as 0)."""
+    frozen_layers: int = 0
+    """The original's freeze_rwkv N: blocks below N stay frozen (N = n_layer freezes the whole LM); 0 freezes none."""
     save_every_steps: int = 500
     """Write last.ckpt every this many steps (and at the end)."""
     val_every_steps: int = 500
@@ -245,13 +257,17 @@ _CHOICES = {
     "model.rwkv.version": RWKV_VERSIONS,
     "model.rwkv.wkv_backend": WKV_BACKENDS,
     "model.projector.type": ("mlp", "linear"),
-    "model.image_position": ("first", "middle"),
+    "model.image_position": ("first", "middle", "last"),
     "model.vision.tiny.stem": ("patch", "conv"),
+    "data.order": ("shuffle", "original"),
+    "data.truncation": ("whole_images", "original"),
     "hardware.accelerator": ("auto", "cpu", "gpu", "cuda"),
     "hardware.precision": ("bf16", "fp32"),
     "hardware.strategy": ("auto", "ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"),
 }
 _TOWERS = ("dino", "siglip", "sam", "clip", "tiny")
+_LOSS_MEANS = ("labelled_samples", "all_samples")
+_RENAMED = {"logit_l2": "l2wrap"}  # old stage key -> new one (its meaning changed too)
 _TRAINABLE = ("projector", "rwkv", "rwkv.emb", "rwkv.head", "vision")
 
 
@@ -295,10 +311,38 @@ def _validate(recipe: Recipe, source: str) -> None:
         for key in ("max_steps", "micro_batch", "grad_accum", "max_bad_steps"):
             if getattr(st, key) <= 0:
                 raise bad(f"{stage}.{key}", "must be positive")
+        for key in ("devices", "global_batch"):
+            if getattr(st, key) is not None and getattr(st, key) <= 0:
+                raise bad(f"{stage}.{key}", "must be positive (or null)")
+        if st.l2wrap < 0:
+            raise bad(f"{stage}.l2wrap", "must be >= 0 (0 disables)")
+        if st.loss_mean not in _LOSS_MEANS:
+            raise bad(f"{stage}.loss_mean", f"{st.loss_mean!r} is not one of {', '.join(_LOSS_MEANS)}")
+        if not 0 <= st.frozen_layers <= rw.n_layer:
+            raise bad(f"{stage}.frozen_layers", f"must be in [0, n_layer={rw.n_layer}]")
     if not 0.0 <= recipe.data.val_fraction < 1.0:
         raise bad("data.val_fraction", "must be in [0, 1)")
     if recipe.hardware.devices <= 0 or recipe.hardware.nodes <= 0:
         raise bad("hardware.devices", "devices and nodes must be positive")
+    for stage in ("pretrain", "finetune"):
+        _derive_grad_accum(recipe, stage, bad)
+
+
+def stage_devices(recipe: Recipe, stage: str) -> int:
+    """Devices per node for `stage`: `<stage>.devices`, else hardware.devices."""
+    st: StageSection = getattr(recipe, stage)
+    return st.devices if st.devices is not None else recipe.hardware.devices
+
+
+def _derive_grad_accum(recipe: Recipe, stage: str, bad: Any) -> None:
+    """global_batch set: grad_accum = global_batch / (micro_batch x devices x nodes), exactly."""
+    st: StageSection = getattr(recipe, stage)
+    if st.global_batch is None:
+        return
+    per_step = st.micro_batch * stage_devices(recipe, stage) * recipe.hardware.nodes
+    if st.global_batch % per_step:
+        raise bad(f"{stage}.global_batch", f"{st.global_batch} is not a multiple of micro_batch x devices x nodes = {per_step}")
+    st.grad_accum = st.global_batch // per_step
 
 
 def _get(obj: Any, dotted: str) -> Any:
@@ -326,6 +370,11 @@ def _friendly(err: Exception, source: str) -> RecipeError:
     key = getattr(err, "full_key", None) or ""
     msg = str(err).splitlines()[0]
     if isinstance(err, ConfigKeyError) or "not in struct" in msg or "Key '" in msg and "not" in msg:
+        head, _, last = key.rpartition(".")
+        if last in _RENAMED:
+            new = f"{head}.{_RENAMED[last]}" if head else _RENAMED[last]
+            return RecipeError(f"{source}: '{key}' was replaced by '{new}'",
+                               hint=f"use {new}: 1.0e-4 (the original's L2Wrap; 0 disables)")
         close = difflib.get_close_matches(key, _known_keys(), n=1, cutoff=0.6)
         hint = f"did you mean '{close[0]}'?" if close else "see the recipe reference in README.md"
         return RecipeError(f"{source}: unknown key '{key}'", hint=hint)

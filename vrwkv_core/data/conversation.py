@@ -11,8 +11,12 @@ own (the research code does the same, so ids match its training data exactly):
 - Runs of blank lines inside a turn collapse to one `\\n` (`\\n\\n` is the stop token 261).
 - Labels are -100 on human turns and on the 3 tokens of `Assistant:`; the answer and
   its closing `\\n\\n` are learned.
-- Truncation to `ctx_len` never cuts inside an image: an image that does not fit is
-  dropped whole, and `EncodedConversation` says how many images and tokens survived.
+- Truncation to `ctx_len` (`whole_images`, ours) never cuts inside an image: an image that
+  does not fit is dropped whole. The originals' rules are `head` (v7.00: the first ctx_len
+  tokens, even through an image, whose remaining rows `image_rows` then says) and
+  `tail_if_unlabelled` (v6.0: the last ctx_len tokens when the first hold no label; here
+  moved forward to an image boundary, as the v6 patch-row reversal needs whole images).
+  `EncodedConversation` says which images and tokens survived.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ PAD_TOKEN_ID = 0
 ROLE_PREFIX = {"human": "User", "gpt": "Assistant"}
 TURN_END = "\n\n"
 SHORT_ANSWER = "Answer the question using a single word or phrase."
-IMAGE_POSITIONS = ("first", "middle")
+IMAGE_POSITIONS = ("first", "middle", "last")
+TRUNCATIONS = ("whole_images", "head", "tail_if_unlabelled")
 
 _BLANK_LINES = re.compile(r"\n(\s*\n)+")
 
@@ -54,6 +59,10 @@ class EncodedConversation:
     """Images whose placeholder run survived truncation (always a prefix of the images)."""
     n_tokens_full: int
     """Length before truncation."""
+    first_image: int = 0
+    """Index of the first image kept (tail truncation drops leading images)."""
+    image_rows: int | None = None
+    """Placeholder rows kept of the last kept image when `head` truncation cut it, else None."""
 
     @property
     def truncated(self) -> bool:
@@ -88,6 +97,8 @@ def normalize_turn_text(role: str, value: str, image_position: str = "first") ->
     if image_position == "middle":
         before = collapse_blank_lines(text.replace(SHORT_ANSWER, ""))
         return "\n".join(part for part in (before, markers, text) if part)
+    if image_position == "last":
+        return "\n".join(part for part in (text, markers) if part)
     return (markers + "\n" + text).strip()
 
 
@@ -109,7 +120,28 @@ def normalize_conversations(
         if not isinstance(value, str):
             raise DataError(f"a {role} turn whose value is not a string")
         out.append({"from": role, "value": normalize_turn_text(role, value, image_position)})
+    if image_position == "middle":
+        _middle_with_all_questions(conversations, out)
     return out
+
+
+def _middle_with_all_questions(raw: Iterable[Mapping[str, Any]], out: list[dict[str, str]]) -> None:
+    """v6.0's middle turn: `ALL\\n<image>\\n{own text}`, ALL = every human turn joined by `\\n`
+    (the image turn without its markers and short-answer line, the others only stripped)."""
+    humans = [t["value"] for t in raw if normalize_role(t.get("from")) == "human"]
+    if len(humans) < 2:
+        return  # one question: ALL is that question, what normalize_turn_text gives already
+    parts = []
+    for value in humans:
+        if IMAGE_MARKER in value:
+            value = value.replace(IMAGE_MARKER, "").replace(SHORT_ANSWER, "")
+        parts.append(collapse_blank_lines(value))
+    everything = "\n".join(p for p in parts if p)
+    for turn, value in zip((t for t in out if t["from"] == "human"), humans):
+        n = value.count(IMAGE_MARKER)
+        if n:
+            own = collapse_blank_lines(value.replace(IMAGE_MARKER, ""))
+            turn["value"] = "\n".join(p for p in (everything, "\n".join([IMAGE_MARKER] * n), own) if p)
 
 
 def encode_turn_text(text: str, tokenizer: Tokenizer, tokens_per_image: int) -> tuple[list[int], list[tuple[int, int]]]:
@@ -144,6 +176,7 @@ def encode_conversation_info(
     tokens_per_image: int,
     ctx_len: int | None = None,
     image_position: str = "first",
+    truncation: str = "whole_images",
 ) -> EncodedConversation:
     """Encode a LLaVA conversation; see the module docstring for the rules."""
     turns = normalize_conversations(conversations, image_position)
@@ -164,15 +197,28 @@ def encode_conversation_info(
         labels.extend(turn_labels)
 
     n_full = len(ids)
-    cut = n_full
-    if ctx_len is not None and n_full > ctx_len:
-        cut = ctx_len
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+    if ctx_len is None or n_full <= ctx_len:
+        return EncodedConversation(ids, labels, len(spans), len(spans), n_full)
+    if truncation == "tail_if_unlabelled" and all(x == IGNORE_INDEX for x in labels[:ctx_len]):
+        begin = n_full - ctx_len
         for start, end in spans:
-            if start < cut < end:  # never split an image's placeholder run
+            if start < begin < end:  # whole images only (see the module docstring)
+                begin = end
+        first = sum(1 for _, end in spans if end <= begin)
+        return EncodedConversation(ids[begin:], labels[begin:], len(spans), len(spans) - first, n_full, first_image=first)
+    cut = ctx_len
+    rows = None
+    for start, end in spans:
+        if start < cut < end:
+            if truncation == "whole_images":  # never split an image's placeholder run
                 cut = start
-                break
-    kept = sum(1 for _, end in spans if end <= cut)
-    return EncodedConversation(ids[:cut], labels[:cut], len(spans), kept, n_full)
+            else:
+                rows = cut - start
+            break
+    kept = sum(1 for start, _ in spans if start < cut)
+    return EncodedConversation(ids[:cut], labels[:cut], len(spans), kept, n_full, image_rows=rows)
 
 
 def encode_conversation(
@@ -181,9 +227,10 @@ def encode_conversation(
     tokens_per_image: int,
     ctx_len: int | None = None,
     image_position: str = "first",
+    truncation: str = "whole_images",
 ) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of a conversation; `encode_conversation_info` also reports truncation."""
-    enc = encode_conversation_info(conversations, tokenizer, tokens_per_image, ctx_len, image_position)
+    enc = encode_conversation_info(conversations, tokenizer, tokens_per_image, ctx_len, image_position, truncation)
     return enc.input_ids, enc.labels
 
 

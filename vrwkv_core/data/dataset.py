@@ -68,8 +68,10 @@ class VisionLanguageDataset(Dataset):
         ctx_len: int,
         skip_bad_images: bool = False,
         image_position: str = "first",
+        truncation: str = "whole_images",
     ) -> None:
-        """`image_position`: where a human turn's images go (`first`, or v6.0's `middle`)."""
+        """`image_position`: where a human turn's images go (`first`, v6.0's `middle`, `last`);
+        `truncation`: see `conversation.TRUNCATIONS`."""
         self.records_path = Path(records_path)
         if not self.records_path.is_file():
             raise DataError(f"{self.records_path}: no such file", hint="run `vrwkv prepare-data llava` first")
@@ -80,6 +82,7 @@ class VisionLanguageDataset(Dataset):
         self.ctx_len = ctx_len
         self.skip_bad_images = skip_bad_images
         self.image_position = image_position
+        self.truncation = truncation
         self.offsets = _index_lines(self.records_path)
         self.n_skipped = 0  # in this process only; collate's n_skipped covers DataLoader workers
         self._file = None
@@ -124,7 +127,7 @@ class VisionLanguageDataset(Dataset):
             raise DataError(f"{self.records_path}: record {index} has no conversations")
         try:
             enc = encode_conversation_info(conversations, self.tokenizer, self.tokens_per_image, self.ctx_len,
-                                           self.image_position)  # fmt: skip
+                                           self.image_position, self.truncation)  # fmt: skip
         except DataError as e:
             raise DataError(f"{self.records_path}: record {index}: {e}") from None
         images = record_images(record)
@@ -132,7 +135,7 @@ class VisionLanguageDataset(Dataset):
             raise DataError(f"{self.records_path}: record {index} has {enc.n_images} <image> markers and {len(images)} images")
         try:
             # images whose placeholders were truncated away are not loaded
-            pixels = [self._load_image(rel, index) for rel in images[: enc.n_images_kept]]
+            pixels = [self._load_image(rel, index) for rel in images[enc.first_image : enc.first_image + enc.n_images_kept]]
         except DataError as e:
             if not self.skip_bad_images:
                 raise
@@ -144,6 +147,7 @@ class VisionLanguageDataset(Dataset):
             "labels": torch.tensor(enc.labels, dtype=torch.long),
             "images": pixels,
             "truncated": enc.truncated,
+            "partial_image": enc.image_rows is not None,
             "index": index,
             "id": record.get("id"),
         }
@@ -155,8 +159,9 @@ def _stack_images(images: Sequence[Any]) -> Any:
     return torch.stack(list(images))
 
 
-def collate(batch: Sequence[dict | None]) -> dict | None:
-    """Right-pad ids with 0 and labels with -100; stack all images of the batch in order.
+def collate(batch: Sequence[dict | None], pad_to: int | None = None) -> dict | None:
+    """Right-pad ids with 0 and labels with -100 (to `pad_to` when given, as the original pads
+    every sample to ctx_len); stack all images of the batch in order.
 
     Returns input_ids/labels [B, T], images (tensor or dict of [N_img, 3, H, W], or None),
     image_counts [B], n_skipped (dropped None samples), n_truncated, ids. Returns None when
@@ -166,7 +171,7 @@ def collate(batch: Sequence[dict | None]) -> dict | None:
     n_skipped = len(batch) - len(samples)
     if not samples:
         return None
-    t_max = max(len(s["input_ids"]) for s in samples)
+    t_max = max([len(s["input_ids"]) for s in samples] + [pad_to or 0])
     input_ids = torch.full((len(samples), t_max), PAD_TOKEN_ID, dtype=torch.long)
     labels = torch.full((len(samples), t_max), IGNORE_INDEX, dtype=torch.long)
     for i, s in enumerate(samples):
@@ -181,6 +186,7 @@ def collate(batch: Sequence[dict | None]) -> dict | None:
         "image_counts": torch.tensor([len(s["images"]) for s in samples], dtype=torch.long),
         "n_skipped": n_skipped,
         "n_truncated": sum(bool(s.get("truncated")) for s in samples),
+        "partial_images": any(s.get("partial_image") for s in samples),
         "ids": [s.get("id") for s in samples],
     }
 

@@ -5,7 +5,8 @@ Outputs in `out_dir` (each written atomically):
                   of human turns, roles lower case), in source order or shuffled;
 - `rejects.jsonl` `{index, line, id, reason, detail}` per rejected record;
 - `stats.json`    counts, the reject-reason histogram, length percentiles (tokens when
-                  `tokens_per_image` is given, else characters), records/s;
+                  `tokens_per_image` is given, else characters), records/s, and under
+                  `rounds` what `--max-rounds` did (`rounds.py`: the original's clean + split);
 - `lengths.png`   a histogram of those lengths.
 
 Memory stays bounded on a 665k-record file: the input is streamed (see `sources.py`),
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from vrwkv_core.data.conversation import Tokenizer
+from vrwkv_core.data.rounds import RoundStats, split_rounds
 from vrwkv_core.data.sources import SourceItem, detect_format, iter_records
 from vrwkv_core.data.validate import INVALID_JSON, CheckResult, ImageLimits, RecordChecker, make_checker
 from vrwkv_core.errors import DataError
@@ -217,12 +219,15 @@ def prepare_llava(
     limits: ImageLimits = ImageLimits(),
     tokenizer_factory: Callable[[], Tokenizer] | None = None,
     progress: Progress | None = None,
+    max_rounds: int | None = None,
+    readd_instruction: bool = True,
 ) -> PrepareReport:
     """Check every record and image; write data.jsonl, rejects.jsonl, stats.json, lengths.png.
 
     Raises DataError (after writing everything) when more than `max_reject_fraction` of
     the records are rejected. Token lengths need `tokens_per_image`; `ctx_len` adds the
     count of records it would truncate. `tokenizer_factory` defaults to the World tokenizer.
+    `max_rounds` runs the original's clean + split passes first (see `rounds.py`).
     """
     json_path, image_folder, out = Path(json_path), Path(image_folder), Path(out_dir)
     if not json_path.is_file():
@@ -252,7 +257,9 @@ def prepare_llava(
         progress.start(f"checking {json_path.name}", total=None)
         with atomic_open(ordered_path, "wb") as good, atomic_open(out / "rejects.jsonl", "w") as bad:
             pos = 0
-            for res in pipeline.run(iter_records(json_path)):
+            rounds = RoundStats(max_rounds, readd_instruction) if max_rounds else None
+            items = iter_records(json_path) if rounds is None else _split_items(iter_records(json_path), rounds)
+            for res in pipeline.run(items):
                 n_records += 1
                 if res.reason is not None:
                     reasons[res.reason] += 1
@@ -303,6 +310,7 @@ def prepare_llava(
         "ctx_len": ctx_len,
         "over_ctx_len": over_ctx if ctx_len is not None else None,
         "shuffle_seed": shuffle_seed,
+        "rounds": rounds.as_dict() if rounds is not None else None,
         "workers": workers,
         "seconds": round(seconds, 3),
         "records_per_s": round(n_records / seconds, 1) if seconds > 0 else None,
@@ -321,6 +329,16 @@ def prepare_llava(
         err.report = report  # type: ignore[attr-defined]  # the CLI prints the summary before the error
         raise err
     return report
+
+
+def _split_items(items: Iterable[SourceItem], stats: RoundStats) -> Iterator[SourceItem]:
+    """Each source record's chunks (same index and line, for reject reports)."""
+    for it in items:
+        if it.error is not None or not isinstance(it.record, dict):
+            yield it
+            continue
+        for chunk in split_rounds(it.record, stats.max_rounds, stats.readd_instruction, stats):
+            yield SourceItem(it.index, it.line, chunk)
 
 
 def _write_shuffled(src: Path, dst: Path, offsets: array, seed: int) -> None:

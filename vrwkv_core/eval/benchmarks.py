@@ -515,7 +515,7 @@ def _metric_shapes(answers: list[Answer], truth: _ShapesTruth, _out: Path | None
     for a, score in zip(kept, scores):
         if a.key in truth.categories:
             by_cat.setdefault(truth.categories[a.key], []).append(score)
-    details = {cat: {"accuracy": _mean(v), "count": len(v)} for cat, v in by_cat.items()}  # per question category
+    details = {"categories": {cat: {"accuracy": _mean(v), "count": len(v)} for cat, v in by_cat.items()}}
     return ScoreResult("shapes", _mean(scores), len(kept), len(truth.accepted) - len(kept), dup, details)
 
 

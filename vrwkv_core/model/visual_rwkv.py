@@ -5,8 +5,9 @@ Token ids carry `IMAGE_TOKEN_ID` (65535) placeholders, `tokens_per_image` per im
 batch's images, and replaces the placeholders of each sample, in order, with that
 sample's projected image features. Images are consumed in batch order: sample b owns
 `image_counts[b]` consecutive images (zero allowed). A sample whose placeholder count
-is not `image_counts[b] * tokens_per_image` is an error naming the sample; nothing is
-ever truncated.
+is not `image_counts[b] * tokens_per_image` is an error naming the sample, unless
+`partial_images` allows its last image to be cut short (the original v7.00 truncation keeps
+the first ctx_len tokens even inside an image: that image's first rows are spliced).
 
     model = VisualRWKV(recipe.model)
     images = model.image_processor.batch([pil])           # {tower: [1, 3, S, S]}
@@ -42,6 +43,7 @@ def splice_image_features(
     features: torch.Tensor | None,
     image_counts: torch.Tensor,
     tokens_per_image: int,
+    partial_images: bool = False,
 ) -> torch.Tensor:
     """Replaces each sample's placeholder rows with its images' features, in order.
 
@@ -59,7 +61,11 @@ def splice_image_features(
     n_images = features.shape[0] if features is not None else 0
     if sum(counts) != n_images:
         raise DataError(f"image_counts {counts} add up to {sum(counts)} images, but the batch has {n_images}")
+    keep = []
     for b, (n_found, n_img) in enumerate(zip(found, counts)):
+        keep += [True] * n_found + [False] * (n_img * tokens_per_image - n_found)
+        if partial_images and n_img and (n_img - 1) * tokens_per_image < n_found <= n_img * tokens_per_image:
+            continue
         if n_found != n_img * tokens_per_image:
             raise DataError(
                 f"sample {b}: {n_found} image placeholder tokens, but {n_img} image(s) x "
@@ -70,7 +76,10 @@ def splice_image_features(
     # Row-major nonzero order is sample-major then position, which is the order the
     # flattened features [N*P, C] come in: sample b's images are consecutive.
     rows, cols = mask.nonzero(as_tuple=True)
-    return embeds.index_put((rows, cols), features.reshape(-1, features.shape[-1]).to(embeds.dtype))
+    flat = features.reshape(-1, features.shape[-1])
+    if partial_images:
+        flat = flat[torch.tensor(keep, device=flat.device)]
+    return embeds.index_put((rows, cols), flat.to(embeds.dtype))
 
 
 class VisualRWKV(nn.Module):
@@ -131,6 +140,7 @@ class VisualRWKV(nn.Module):
         input_ids: torch.Tensor,
         images: dict[str, torch.Tensor] | None = None,
         image_counts: torch.Tensor | None = None,
+        partial_images: bool = False,
     ) -> torch.Tensor:
         """The LM input [B, T, C]: token embeddings with image features spliced in."""
         if input_ids.dim() == 1:
@@ -145,7 +155,7 @@ class VisualRWKV(nn.Module):
             image_counts = self._infer_counts(mask, n_images)
         features = self.encode_images(images) if n_images else None
         counts = torch.as_tensor(image_counts).view(-1)
-        return splice_image_features(embeds, input_ids, features, counts, self.tokens_per_image)
+        return splice_image_features(embeds, input_ids, features, counts, self.tokens_per_image, partial_images)
 
     def _infer_counts(self, mask: torch.Tensor, n_images: int) -> torch.Tensor:
         """Images per sample from the placeholder counts (when the caller gives none)."""
@@ -169,6 +179,7 @@ class VisualRWKV(nn.Module):
         state: RWKVState | None = None,
         logits: str = "all",
         backend: str | None = None,
+        partial_images: bool = False,
     ) -> tuple[torch.Tensor, RWKVState]:
         """ids [B, T] with placeholders + images {tower: [N, 3, S, S]} + image_counts [B] -> LM output.
 
@@ -176,7 +187,7 @@ class VisualRWKV(nn.Module):
         image_counts may be left out when the batch has one sample or when every
         sample's placeholders are a whole number of images.
         """
-        embeds = self.embed(input_ids, images, image_counts)
+        embeds = self.embed(input_ids, images, image_counts, partial_images)
         extra = {}
         if self.family.reverse_image_rows:  # v6.0: odd layers scan each image's patch rows backwards
             ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)

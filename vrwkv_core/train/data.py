@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -10,6 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from vrwkv_core.data.dataset import ResumableSampler, VisionLanguageDataset, collate
+from vrwkv_core.data.order import OriginalOrderSampler
+from vrwkv_core.model.families import family
 from vrwkv_core.tokenizer import default_tokenizer
 
 if TYPE_CHECKING:
@@ -32,11 +35,15 @@ class StageData(pl.LightningDataModule):
         super().__init__()
         self.recipe = recipe
         self.stage = getattr(recipe, stage)
+        original = recipe.data.truncation == "original"
         self.dataset = VisionLanguageDataset(
             paths["records"], paths["images"], default_tokenizer(), image_processor,
             tokens_per_image, recipe.data.ctx_len, skip_bad_images=recipe.data.skip_bad_images,
             image_position=self.stage.image_position or recipe.model.image_position,
+            truncation=family(recipe.model.rwkv.version).original_truncation if original else "whole_images",
         )  # fmt: skip
+        # The original pads every sample to ctx_len (L2Wrap's 1/(B*T) and its padding rows see it).
+        self.collate = partial(collate, pad_to=recipe.data.ctx_len if original else None)
         self.train_idx, self.val_idx = split_indices(len(self.dataset), recipe.data.val_fraction, self.stage.seed)
         self.sampler: Any = None
         self._pending_state: dict | None = None
@@ -44,13 +51,17 @@ class StageData(pl.LightningDataModule):
     def _loader(self, subset: Subset, sampler: Any, shuffle: bool = False) -> DataLoader:
         workers = self.recipe.data.num_workers
         return DataLoader(
-            subset, batch_size=self.stage.micro_batch, sampler=sampler, collate_fn=collate,
+            subset, batch_size=self.stage.micro_batch, sampler=sampler, collate_fn=self.collate,
             num_workers=workers, persistent_workers=workers > 0,
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        self.sampler = ResumableSampler(len(self.train_idx), seed=self.stage.seed, rank=rank, world_size=world)
+        if self.recipe.data.order == "original":
+            per_rank = self.stage.max_steps * self.stage.grad_accum * self.stage.micro_batch
+            self.sampler = OriginalOrderSampler(len(self.train_idx), per_rank, rank=rank, world_size=world)
+        else:
+            self.sampler = ResumableSampler(len(self.train_idx), seed=self.stage.seed, rank=rank, world_size=world)
         if self._pending_state is not None:
             self.sampler.load_state_dict(self._pending_state)
             self._pending_state = None

@@ -1,10 +1,12 @@
 """The LightningModule of one training stage: freezing, loss, optimizer and LR schedule.
 
 Loss (the released definition): cross-entropy averaged over the labelled tokens of each
-sample, then over the samples of the batch. The head runs only on labelled positions, so
-a 2048-token sample with a 20-token answer costs 20 head rows, not 2048. The optional
-logit regulariser is RWKV training's "L2Wrap": it adds coef * mean(max_logit^2) / 2, whose
-gradient pushes each position's largest logit towards 0.
+sample, then over the samples of the batch: all B of them (`loss_mean: all_samples`, the
+original, a sample without labels counting 0) or the labelled ones (`labelled_samples`).
+Without L2Wrap the head runs only on labelled positions, so a 2048-token sample with a
+20-token answer costs 20 head rows, not 2048. `L2Wrap` is the original's regulariser
+exactly: it leaves the loss value alone and, in backward, adds max_logit * coef / (B*T) at
+the argmax logit of every position (image and padding included), so it needs all logits.
 
 A step whose loss or gradients are not finite on any rank is skipped on every rank (the
 flag is all-reduced; the gradients are dropped so AdamW leaves weights and moments alone;
@@ -53,9 +55,20 @@ def apply_trainable(model: "VisualRWKV", stage: "StageSection") -> None:
     for part in stage.frozen:
         for module in _part_modules(model, part):
             module.requires_grad_(False)
+    if stage.frozen_layers:
+        freeze_layers(model, stage.frozen_layers)
     if hasattr(model.vit, "freeze"):
         # Towers not listed as trainable stay in eval mode (no dropout, fixed norms).
         model.vit.freeze("vision" not in stage.trainable or "vision" in stage.frozen)
+
+
+def freeze_layers(model: "VisualRWKV", n: int) -> None:
+    """The original's freeze_rwkv: n = n_layer freezes the whole LM, else the blocks below n."""
+    if n >= len(model.rwkv.blocks):
+        model.rwkv.requires_grad_(False)
+        return
+    for block in model.rwkv.blocks[:n]:
+        block.requires_grad_(False)
 
 
 def parameter_table(model: "VisualRWKV") -> list[dict[str, Any]]:
@@ -78,29 +91,57 @@ def lr_at(step: int, stage: "StageSection") -> float:
     return stage.lr_final + 0.5 * (stage.lr_init - stage.lr_final) * (1 + math.cos(math.pi * progress))
 
 
+class L2Wrap(torch.autograd.Function):
+    """The original's L2Wrap: identity on the loss; backward adds coef * max / (B*T) at each argmax of y."""
+
+    @staticmethod
+    def forward(ctx: Any, loss: torch.Tensor, y: torch.Tensor, coef: float) -> torch.Tensor:
+        ctx.save_for_backward(y)
+        ctx.coef = coef
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        (y,) = ctx.saved_tensors  # [B, T, V]
+        # Not scaled by grad_output: the original adds it as is (no division by accumulation).
+        factor = ctx.coef / (y.shape[0] * y.shape[1])
+        maxx, ids = torch.max(y, -1, keepdim=True)
+        gy = torch.zeros_like(y)
+        gy.scatter_(-1, ids, maxx * factor)
+        return grad_output, gy, None
+
+
 def sequence_loss(
-    hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, logit_l2: float = 0.0
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: torch.nn.Module,
+    l2wrap: float = 0.0,
+    loss_mean: str = "labelled_samples",
 ) -> tuple[torch.Tensor, int]:
     """Per-sample mean CE over labelled next tokens, averaged over samples; (loss, n tokens).
 
     hidden [B, T, C] is the LM's final-norm output; labels [B, T] align with the inputs, so
-    position t predicts labels[t + 1].
+    position t predicts labels[t + 1]. `loss_mean`: `all_samples` divides by B.
     """
     targets = labels[:, 1:]
     valid = targets != IGNORE_INDEX  # [B, T-1]
     n_tokens = int(valid.sum())
+    all_logits = head(hidden) if l2wrap > 0 else None  # [B, T, V], in the model's dtype as the original
     if n_tokens == 0:
-        return hidden.sum() * 0.0, 0
-    rows = hidden[:, :-1][valid]  # [n, C]
-    logits = head(rows).float()
-    ce = F.cross_entropy(logits, targets[valid], reduction="none")
-    sample_of = valid.nonzero()[:, 0]
-    per_sample = torch.zeros(labels.shape[0], device=ce.device).index_add_(0, sample_of, ce)
-    counts = valid.sum(dim=1)
-    has = counts > 0
-    loss = (per_sample[has] / counts[has]).mean()
-    if logit_l2 > 0:
-        loss = loss + logit_l2 * 0.5 * logits.max(dim=-1).values.pow(2).mean()
+        loss = hidden.sum() * 0.0
+    else:
+        logits = (all_logits[:, :-1][valid] if all_logits is not None else head(hidden[:, :-1][valid])).float()
+        ce = F.cross_entropy(logits, targets[valid], reduction="none")
+        sample_of = valid.nonzero()[:, 0]
+        per_sample = torch.zeros(labels.shape[0], device=ce.device).index_add_(0, sample_of, ce)
+        counts = valid.sum(dim=1)
+        if loss_mean == "all_samples":
+            loss = (per_sample / counts.clamp(min=1)).mean()
+        else:
+            has = counts > 0
+            loss = (per_sample[has] / counts[has]).mean()
+    if all_logits is not None:
+        loss = L2Wrap.apply(loss, all_logits, l2wrap)
     return loss, n_tokens
 
 
@@ -125,8 +166,9 @@ class StageModule(pl.LightningModule):
         self._deepspeed = recipe.hardware.strategy.startswith("deepspeed")
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        hidden, _ = self.model(batch["input_ids"], batch.get("images"), batch.get("image_counts"), logits="hidden")
-        return sequence_loss(hidden, batch["labels"].to(hidden.device), self.model.rwkv.head, self.stage.logit_l2)
+        hidden, _ = self.model(batch["input_ids"], batch.get("images"), batch.get("image_counts"), logits="hidden",
+                               partial_images=bool(batch.get("partial_images")))
+        return sequence_loss(hidden, batch["labels"].to(hidden.device), self.model.rwkv.head, self.stage.l2wrap, self.stage.loss_mean)
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
         if batch is None:  # every sample of the batch had a bad image and was dropped

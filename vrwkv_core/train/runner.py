@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vrwkv_core.checkpoint import build_from_parts, load_checkpoint
-from vrwkv_core.config import recipe_to_dict
+from vrwkv_core.config import recipe_to_dict, stage_devices
 from vrwkv_core.data.shapes import prepare_shapes
 from vrwkv_core.errors import CheckpointError, DataError, RecipeError
 from vrwkv_core.hub import resolve
@@ -150,7 +150,8 @@ def run_stage(recipe: "Recipe", stage: str, resume: bool = False, progress: Prog
         raise RecipeError(f"unknown stage {stage!r}; choose pretrain or finetune")
     st = getattr(recipe, stage)
     out_dir = Path(st.out_dir)
-    hw = trainer_hardware(recipe.hardware, micro_batch=st.micro_batch)  # first: no GPU is a clear error
+    # first: no GPU is a clear error; `<stage>.devices` overrides hardware.devices
+    hw = trainer_hardware(replace(recipe.hardware, devices=stage_devices(recipe, stage)), micro_batch=st.micro_batch)
     monitor = StageMonitor(recipe, stage, out_dir, progress)
     deterministic = recipe.hardware.deterministic
     trainer = pl.Trainer(

@@ -1,11 +1,12 @@
-"""Image tiling (`model.vision.tiling`): a global view plus a best-fit grid of tiles.
+"""Image tiling (`model.vision.tiling`): a global view plus a grid of tiles, as VisualRWKV v7.00 does.
 
 Grids (width x height, at image_size 448; scaled by image_size/448 otherwise):
-448x896, 896x448, 896x896, 448x1344, 1344x448, i.e. (cols, rows) in tiles of
-image_size: (1,2), (2,1), (2,2), (1,3), (3,1). The grid whose aspect ratio is closest to
-the image's (in log space, ties to fewer tiles) wins; the image is resized to the grid
-(bicubic) and cut row-major into image_size x image_size tiles. An image no larger than
-one tile (both sides <= image_size) is not tiled.
+448x896, 896x448, 896x896, 448x1344, 1344x448, i.e. (cols, rows) in tiles of image_size:
+(1,2), (2,1), (2,2), (1,3), (3,1). The original picks the grid with the least wasted area
+(the grid's area minus the area of the image scaled, aspect kept and sides floored, to fit
+in it; the first of equals wins) and does not tile when that grid is 896x896 and the image
+has at most 896*896 pixels. Tiles are cropped row-major from the original pixels
+(width // cols by height // rows each); the image processor then resizes every view.
 
 What the data side does with it: a source image becomes `views = tile_image(img, size)`
 (global view first, then the tiles), and each view is one image to the model. The human
@@ -18,36 +19,31 @@ len(views) * tokens_per_image tokens of ctx_len per source image (up to 4x more)
 
 from __future__ import annotations
 
-import math
-
 from PIL import Image
 
 GRIDS: tuple[tuple[int, int], ...] = ((1, 2), (2, 1), (2, 2), (1, 3), (3, 1))
-"""(cols, rows) in tiles of image_size."""
+"""(cols, rows) in tiles of image_size, in the original's order (it breaks ties by order)."""
 
 
-def choose_grid(width: int, height: int) -> tuple[int, int]:
-    """The (cols, rows) grid whose aspect ratio best fits a width x height image."""
-    aspect = math.log(width / height)
-
-    def cost(grid: tuple[int, int]) -> tuple[float, int]:
-        cols, rows = grid
-        return (round(abs(aspect - math.log(cols / rows)), 9), cols * rows)
-
-    return min(GRIDS, key=cost)
+def choose_grid(width: int, height: int, image_size: int = 448) -> tuple[int, int]:
+    """The (cols, rows) grid that wastes the least area for a width x height image."""
+    best, least = GRIDS[0], float("inf")
+    for cols, rows in GRIDS:
+        gw, gh = cols * image_size, rows * image_size
+        scale = min(gw / width, gh / height)
+        wasted = abs(gw * gh - int(width * scale) * int(height * scale))
+        if wasted < least:
+            best, least = (cols, rows), wasted
+    return best
 
 
 def tile_image(image: Image.Image, image_size: int) -> list[Image.Image]:
-    """[global image, tiles row-major...]; just [image] when it fits in one tile."""
+    """[global image, tiles row-major...]; just [image] when the original would not tile it."""
     image = image.convert("RGB")
     width, height = image.size
-    if width <= image_size and height <= image_size:
+    cols, rows = choose_grid(width, height, image_size)
+    if (cols, rows) == (2, 2) and width * height <= (2 * image_size) ** 2:
         return [image]
-    cols, rows = choose_grid(width, height)
-    resized = image.resize((cols * image_size, rows * image_size), Image.BICUBIC)
-    tiles = [
-        resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
-        for r in range(rows)
-        for c in range(cols)
-    ]
+    tw, th = width // cols, height // rows
+    tiles = [image.crop((c * tw, r * th, (c + 1) * tw, (r + 1) * th)) for r in range(rows) for c in range(cols)]
     return [image, *tiles]

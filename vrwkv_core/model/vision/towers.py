@@ -23,6 +23,7 @@ Towers are frozen by default: no grads, and eval mode survives `.train()`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -71,6 +72,8 @@ class TowerSpec:
     """Builds the tower for (vision config, input side) instead of `timm.create_model`."""
     fold: int = 1
     """SAM: the neck output is folded fold x fold into channels (see `sam_fold`)."""
+    norm_eps: float | None = None
+    """LayerNorm eps of the blocks when it is not timm's default (SAM: 1e-6, as Meta's and the original's)."""
     tokens: int | None = None
     """A tower that gives its own token rows (no grid, no pooling) and goes alone: their count."""
     preprocess: Callable[[Image.Image], torch.Tensor] | None = None
@@ -119,7 +122,8 @@ def build_featurizer(name: str, vision_cfg: VisionSection) -> nn.Module:
         return spec.build(vision_cfg, size)
     import timm
 
-    return timm.create_model(spec.timm_name, pretrained=False, img_size=size, num_classes=0)
+    extra = {"norm_layer": partial(nn.LayerNorm, eps=spec.norm_eps)} if spec.norm_eps is not None else {}
+    return timm.create_model(spec.timm_name, pretrained=False, img_size=size, num_classes=0, **extra)
 
 
 def _build_tiny(vision_cfg: VisionSection, size: int) -> nn.Module:
@@ -162,7 +166,7 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
 TOWERS: dict[str, TowerSpec] = {
     "dino": TowerSpec("vit_large_patch14_reg4_dinov2", IMAGENET_MEAN, IMAGENET_STD, patch=14),
     "siglip": TowerSpec("vit_so400m_patch14_siglip_384", HALF, HALF, patch=14),
-    "sam": TowerSpec("samvit_base_patch16", IMAGENET_MEAN, IMAGENET_STD, fixed_size=SAM_SIZE, fold=SAM_FOLD),
+    "sam": TowerSpec("samvit_base_patch16", IMAGENET_MEAN, IMAGENET_STD, fixed_size=SAM_SIZE, fold=SAM_FOLD, norm_eps=1e-6),
     "tiny": TowerSpec(None, HALF, HALF, penultimate=False, build=_build_tiny),
     # v6.0: CLIP ViT-L/14-336, 576 patches + CLS row last, no pooling, its own crop
     "clip": TowerSpec(CLIP_TIMM_NAME, CLIP_MEAN, CLIP_STD, fixed_size=CLIP_SIZE, penultimate=False,
