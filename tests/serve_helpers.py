@@ -32,7 +32,9 @@ def data_url(image: Image.Image) -> str:
 class LiveServer:
     """uvicorn in a thread serving `create_app` for a loaded model."""
 
-    def __init__(self, model_dir: Path, image_root: Path, api_key: str | None = API_KEY, **engine_kw) -> None:
+    def __init__(self, model_dir: Path, image_root: Path, api_key: str | None = API_KEY, prefill_pad: bool = False,
+                 **engine_kw) -> None:  # fmt: skip
+        """`prefill_pad` off by default: the cache tests then hit for any question (the pad is tested apart)."""
         import uvicorn
 
         from vrwkv_core.infer import load_model
@@ -46,7 +48,7 @@ class LiveServer:
         self.model_name = str(model_dir)
         self.engine = Engine(self.vlm, self.tok, metrics=Metrics(), **engine_kw)
         settings = ServeSettings(model_name=self.model_name, api_key=api_key, image_root=image_root,
-                                 max_image_bytes=64 * 1024, max_context=600)  # fmt: skip
+                                 max_image_bytes=64 * 1024, max_context=600, prefill_pad=prefill_pad)  # fmt: skip
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(create_app(self.engine, settings), host="127.0.0.1", port=self.port, log_level="warning")

@@ -122,12 +122,14 @@ def test_question_loading_for_each_llava_format(tmp_path):
     bench = get_benchmark("scienceqa")
     assert with_image == Question("4", "Context: N/A\nWhich state is farthest north?\nA. Ohio\nB. Utah", "4/image.png")
     assert text_only.image is None
-    assert question_text(with_image, bench) == with_image.text + "\n" + OPTION_LETTER
-    assert answer_prompt(with_image, bench) == "<image>\n" + with_image.text + "\n" + OPTION_LETTER
-    assert answer_prompt(text_only, bench) == text_only.text + "\n" + OPTION_LETTER  # no <image>: not in img_accuracy
-    assert question_text(with_image, bench, "v6") == with_image.text  # v6.0's eval added no letter instruction
+    # the v7.00 eval: `<image>\n` + the question as in the file, no letter instruction (v6.0's: none either)
+    assert question_text(with_image, bench) == question_text(with_image, bench, "v6") == with_image.text
+    assert answer_prompt(with_image, bench) == "<image>\n" + with_image.text
+    # style llava: LLaVA-1.5's single-prediction prompt
+    assert question_text(with_image, bench, "llava") == with_image.text + "\n" + OPTION_LETTER
+    assert answer_prompt(text_only, bench, "llava") == text_only.text + "\n" + OPTION_LETTER  # no <image>: not in img_accuracy
     done = Question("9", "Pick one.\nA. x\nB. y\n" + OPTION_LETTER)
-    assert question_text(done, bench) == done.text
+    assert question_text(done, bench, "llava") == done.text
 
     # VQAv2 val: the official question file; the short-answer instruction is appended
     vqa = _write(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", json.dumps(
@@ -326,3 +328,25 @@ def test_shapes_end_to_end_on_the_trained_tiny_model(tiny_trained, tmp_path, cap
     assert run(["eval", "score", "shapes", "--answers", str(out / "answers.jsonl"),
                 "--annotations", str(data / "eval" / "answers.json"), "--json"]) == 0  # fmt: skip
     assert _last_json(capsys.readouterr().out)["accuracy"] == scores["accuracy"]
+
+
+def test_original_eval_settings_for_scienceqa_and_the_v7_pad(tiny, tmp_path):
+    """The v7.00 eval answers image questions only (ScienceQA text-only ones are skipped, so they
+    fail in `accuracy` and stay out of `img_accuracy`; style llava answers them) and pads each
+    prompt with token 261 to a multiple of 16."""
+    from vrwkv_core.data.conversation import left_pad
+    from vrwkv_core.eval.generate import _build_input
+    from vrwkv_core.eval.questions import EvalPaths, answers_text_only
+    from vrwkv_core.tokenizer import default_tokenizer
+
+    sqa, shapes = get_benchmark("scienceqa"), get_benchmark("shapes")
+    assert not answers_text_only(sqa, "v7") and not answers_text_only(sqa, "v6") and answers_text_only(sqa, "llava")
+    assert answers_text_only(shapes, "v7")
+    assert left_pad(20, 16) == [261] * 12 and left_pad(32, 16) == [] and left_pad(5, 0) == []
+    vlm, _, data = tiny
+    q = Question("q1", "How many shapes are there?", "eval_00000.png")
+    paths = EvalPaths(data, data / "eval" / "questions.jsonl", data / "images", data / "eval" / "answers.json", None)
+    tok = default_tokenizer()
+    plain, _, _ = _build_input(vlm, tok, shapes, q, paths, "v7", pad=0)
+    padded, _, _ = _build_input(vlm, tok, shapes, q, paths, "v7", pad=16)
+    assert padded == [261] * ((-len(plain)) % 16) + plain and len(padded) % 16 == 0

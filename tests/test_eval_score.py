@@ -157,12 +157,13 @@ def test_textvqa_normalises_both_sides() -> None:
     "text, letter",
     [
         ("A", "A"),
-        (" C ", "C"),
-        ("B\n", "B"),  # "\n" reads as ". ": "B. "
+        (" C ", "FAILED"),  # the bare letter only, as the scorer reads it (answers are stripped when made)
+        ("B\n", "FAILED"),
         ("C. Because it is.", "C"),
         ("The answer is B.", "B"),
-        ("I think The answer is E", "E"),
-        ("The answer is B The answer is C.", "C"),  # the "X." form wins
+        ("So: The answer is E!", "E"),  # `The answer is X.`: any character after the letter
+        ("I think The answer is E", "FAILED"),  # no character after it
+        ("The answer is B The answer is C.", "FAILED"),  # two matches: exactly one is needed
         ("a", "FAILED"),
         ("(A)", "FAILED"),
         ("Answer: A", "FAILED"),
@@ -464,11 +465,14 @@ def test_score_errors(tmp_path: Path) -> None:
 
 
 def test_registry_prompt_suffix() -> None:
+    from vrwkv_core.eval.questions import Question, prompt_suffix, question_text
+
     sqa = get_benchmark("scienceqa")
-    assert sqa.with_suffix("Which?") == "Which?\nAnswer with the option's letter from the given choices directly."
+    assert prompt_suffix(sqa, "v7") is None and prompt_suffix(sqa, "v6") is None  # as the VisualRWKV evals
+    assert prompt_suffix(sqa, "llava") == "Answer with the option's letter from the given choices directly."
     gqa = get_benchmark("gqa")
-    assert gqa.with_suffix("Is it red?" + SUFFIX) == "Is it red?" + SUFFIX  # already there
-    assert get_benchmark("shapes").with_suffix("What shape?") == "What shape?"
+    assert question_text(Question(1, "Is it red?" + SUFFIX), gqa) == "Is it red?" + SUFFIX  # already there
+    assert question_text(Question(1, "What shape?"), get_benchmark("shapes")) == "What shape?"
 
 
 def test_registry_postprocess() -> None:

@@ -47,7 +47,10 @@ def test_multi_turn_equals_one_long_forward(tiny_vlm, tokenizer):
     chat.add_image(_img("blue"))  # an image in a later turn goes to its front
     r3 = chat.ask("And this one?").run()
     P = tiny_vlm.tokens_per_image
-    full = (encode_generation_prompt("What color is it?", tokenizer, P) + r1.token_ids + [261]
+    first = encode_generation_prompt("What color is it?", tokenizer, P)
+    pad = [261] * (-len(first) % 16)  # v7.00's pad of the first prefill (to a multiple of 16), and only there
+    assert pad and (len(pad) + len(first)) % 16 == 0
+    full = (pad + first + r1.token_ids + [261]
             + encode_generation_prompt("Are you sure?\nThink again.", tokenizer, P, n_images=0) + r2.token_ids + [261]
             + encode_generation_prompt("And this one?", tokenizer, P) + r3.token_ids)  # fmt: skip
     assert chat.n_tokens == len(full) + 1  # + the pending closing "\n\n"
@@ -64,7 +67,8 @@ def test_multi_turn_equals_one_long_forward(tiny_vlm, tokenizer):
 
 
 def test_image_cache_skips_towers_and_gives_the_same_answer(tiny_vlm, tokenizer, counting):
-    chat = ChatSession(tiny_vlm, tokenizer, config=CFG)
+    # unpadded: the cached post-image state then serves any question (with the pad, one whose pad matches)
+    chat = ChatSession(tiny_vlm, tokenizer, config=CFG, prefill_pad=False)
     chat.add_image(_img("green"))
     first = chat.ask("Describe it.").run()
     assert counting == [1] and (chat.cache_hits, chat.cache_misses) == (0, 1)
@@ -74,7 +78,7 @@ def test_image_cache_skips_towers_and_gives_the_same_answer(tiny_vlm, tokenizer,
     assert counting == [1] and chat.cache_hits == 1  # no tower call the second time
     assert again.token_ids == first.token_ids
     other = chat.reset() or chat.ask("What shape?").run()
-    fresh = ChatSession(tiny_vlm, tokenizer, config=CFG, cache_size=0)
+    fresh = ChatSession(tiny_vlm, tokenizer, config=CFG, cache_size=0, prefill_pad=False)
     fresh.add_image(_img("green"))
     assert fresh.ask("What shape?").run().token_ids == other.token_ids
     assert counting == [1, 1]  # the fresh session ran the towers, the cached one did not
@@ -189,3 +193,25 @@ def test_load_refuses_a_tampered_state(tiny_vlm, tokenizer, tmp_path: Path, tamp
     with pytest.raises(CheckpointError, match=message):
         other.load_state(tmp_path / "s.safetensors")
     assert other.state is None  # nothing half-loaded
+
+
+def test_first_prefill_is_padded_as_v7_did(tiny_vlm, tokenizer, monkeypatch):
+    """v7.00 prepends (-T) mod 16 tokens 261 to a forward of T tokens: chat pads the first prefill
+    of a conversation (cache key included), follow-ups continue unpadded; prefill_pad=False: none."""
+    import vrwkv_core.infer.chat as chat_mod
+
+    calls, original = [], chat_mod.prefill
+    monkeypatch.setattr(chat_mod, "prefill", lambda vlm, ids, *a, **k: calls.append(list(ids)) or original(vlm, ids, *a, **k))
+    P = tiny_vlm.tokens_per_image
+    for pad_on in (True, False):
+        calls.clear()
+        chat = ChatSession(tiny_vlm, tokenizer, config=CFG, prefill_pad=pad_on)
+        chat.add_image(_img("red"))
+        r1 = chat.ask("What color is it?").run()
+        chat.ask("Sure?").run()
+        prompt = encode_generation_prompt("What color is it?", tokenizer, P)
+        n_pad = (-len(prompt)) % 16 if pad_on else 0
+        first = calls[0] + calls[1]  # split after the image (for the image-state cache)
+        assert first == [261] * n_pad + prompt
+        second = calls[2]
+        assert second == r1.unfed_ids + [261] + encode_generation_prompt("Sure?", tokenizer, P, n_images=0)

@@ -35,7 +35,7 @@ def session_answers(live, color, questions, max_tokens):
     """What `ChatSession` (the `chat` command's engine) answers, greedy: the reference."""
     from vrwkv_core.infer import ChatSession
 
-    chat = ChatSession(live.vlm, live.tok)
+    chat = ChatSession(live.vlm, live.tok, prefill_pad=False)  # as the test server
     chat.add_image(Image.new("RGB", (40, 30), color))
     out = []
     for q in questions:
@@ -247,3 +247,21 @@ def test_min_tokens_and_stop_strings(live, client):
                                              temperature=0, stop=[full[1:3]], extra_body={"min_tokens": 6})  # fmt: skip
         assert cut.choices[0].finish_reason == "stop" and cut.choices[0].message.content == full[:1].lstrip()
     json.dumps(r.model_dump())
+
+
+def test_prompt_pads_the_first_prefill_as_chat_does(live):
+    """The first prefill (up to the first `Assistant:`) is padded with token 261 to a multiple of 16
+    for a v7.00 model, exactly as ChatSession pads it; later turns are not; prefill_pad=False: none."""
+    from vrwkv_core.data.conversation import encode_generation_prompt
+    from vrwkv_core.serve.prompt import build_prompt
+    from vrwkv_core.serve.schemas import Message
+
+    msgs = [Message(role="user", content="What color is it?"), Message(role="assistant", content="red"),
+            Message(role="user", content="Sure?")]  # fmt: skip
+    first = encode_generation_prompt("What color is it?", live.tok, live.vlm.tokens_per_image, n_images=0)
+    n_pad = (-len(first)) % 16
+    padded = build_prompt(msgs, live.tok, live.vlm, load_image=None, prefill_pad=True)
+    plain = build_prompt(msgs, live.tok, live.vlm, load_image=None, prefill_pad=False)
+    assert n_pad and padded.ids == [261] * n_pad + plain.ids
+    assert plain.ids[: len(first)] == first and plain.ids.count(261) == padded.ids.count(261) - n_pad
+    assert padded.boundaries == [b + n_pad for b in plain.boundaries]

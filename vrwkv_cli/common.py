@@ -15,6 +15,10 @@ WkvBackendOpt = Annotated[Optional[str], typer.Option(
     "--wkv-backend", help="WKV kernel: auto, chunked, cuda or reference (the slow loop); default: the model's "
                           "model.rwkv.wkv_backend.")]  # fmt: skip
 
+PrefillPadOpt = Annotated[bool, typer.Option(
+    "--prefill-pad/--no-prefill-pad", help="Pad the first prompt of a conversation as the model's release did "
+                                            "(v7.00: token 261 to a multiple of 16).")]  # fmt: skip
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -23,14 +27,8 @@ class RichProgress(Progress):
     """vrwkv_core.progress.Progress drawn as a Rich progress bar on stderr."""
 
     def __init__(self, transient: bool = False) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress as _RichProgress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as _RichProgress
 
         self._bar = _RichProgress(
             TextColumn("[bold]{task.description}"),

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from vrwkv_cli.common import WkvBackendOpt
+from vrwkv_cli.common import PrefillPadOpt, WkvBackendOpt
 
 # No help= here: the callback's docstring (with its example) is the group's help.
 app = typer.Typer(no_args_is_help=False, add_completion=False)
@@ -25,6 +25,7 @@ app = typer.Typer(no_args_is_help=False, add_completion=False)
 class PromptStyle(str, Enum):
     v7 = "v7"
     v6 = "v6"
+    llava = "llava"
 
 
 @app.callback(invoke_without_command=True)
@@ -43,12 +44,14 @@ def generate(
     device: Annotated[str, typer.Option(help="cuda, cuda:1, cpu or auto.")] = "auto",
     dtype: Annotated[str, typer.Option(help="bf16, fp16, fp32 or auto (bf16 on CUDA, fp32 on CPU).")] = "auto",
     prompt_style: Annotated[Optional[PromptStyle], typer.Option(
-        help="Prompt template: v7 (image first) or v6 (v6.0's image in the middle); default: the model's "
-             "(v6 for an RWKV-6 / x060 model, else v7).")] = None,
+        help="Prompt template: v7 (image first, as the v7.00 eval), v6 (v6.0's image in the middle) or llava "
+             "(image first with LLaVA-1.5's instructions, e.g. ScienceQA's letter instruction, and text-only "
+             "questions answered); default: the model's (v6 for an RWKV-6 / x060 model, else v7).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 128,
     download: Annotated[bool, typer.Option("--download", help="Fetch a registry model if it is not on disk.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object on the last line.")] = False,
     wkv_backend: WkvBackendOpt = None,
+    prefill_pad: PrefillPadOpt = True,
 ) -> None:
     """Generate benchmark answers and score them; `vrwkv eval score` scores an answer file.
 
@@ -69,7 +72,8 @@ def generate(
     style = prompt_style.value if prompt_style is not None else None  # None: the model's own
     report = run_eval(model, benchmark, data_root, out, limit=limit, shard=parse_shard(shard), batch_size=batch_size,
                       device=device, dtype=dtype, prompt_style=style, max_new_tokens=max_new_tokens,
-                      download=download, wkv_backend=wkv_backend, progress=RichProgress())  # fmt: skip
+                      download=download, wkv_backend=wkv_backend, prefill_pad=prefill_pad,
+                      progress=RichProgress())  # fmt: skip
     _print_report(report, json_output)
 
 
@@ -103,6 +107,8 @@ def _print_report(report: Any, json_output: bool, generated: bool = True) -> Non
         summary.add_row("answered now", str(report.n_answered))
         summary.add_row("already answered", str(report.n_skipped))
         summary.add_row("missing images", str(report.n_missing_images))
+        if report.n_text_only:
+            summary.add_row("text-only, not answered", str(report.n_text_only))
         qps = report.questions_per_s
         summary.add_row("questions/s", f"{qps:.2f}" if qps else "n/a")
     if report.merged is not None:
@@ -183,11 +189,11 @@ def _print_table(result: Any, answers: Path) -> None:
     table = Table(title=f"{result.benchmark}: {answers}")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    if "img_accuracy" in result.details:  # ScienceQA: IMG accuracy is the headline (the papers' column)
+        table.add_row("IMG accuracy", _pct(result.details["img_accuracy"]))
+        table.add_row("questions with an image", str(result.details["img_count"]))
     if result.accuracy is not None:
         table.add_row("accuracy", _pct(result.accuracy))
-    if "img_accuracy" in result.details:
-        table.add_row("img_accuracy", _pct(result.details["img_accuracy"]))
-        table.add_row("questions with an image", str(result.details["img_count"]))
     table.add_row("scored", str(result.count))
     table.add_row("missing", str(result.missing))
     table.add_row("duplicates", str(result.duplicates))

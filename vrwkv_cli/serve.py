@@ -6,6 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from vrwkv_cli.common import PrefillPadOpt
+
 app = typer.Typer(add_completion=False)
 
 
@@ -23,6 +25,7 @@ def serve(
     image_root: Annotated[Optional[str], typer.Option(help="Allow image file paths / file:// URLs under this folder.")] = None,
     max_image_mb: Annotated[float, typer.Option(help="Largest image accepted (more: 413).")] = 20,
     max_context: Annotated[int, typer.Option(help="Longest prompt in tokens (images included).")] = 8192,
+    prefill_pad: PrefillPadOpt = True,
 ) -> None:
     """Serve a model with the OpenAI chat API (/v1/chat/completions), /metrics and a demo page at /.
 
@@ -35,4 +38,4 @@ def serve(
 
     run_server(model, host=host, port=port, device=device, dtype=dtype, max_batch=max_batch, max_queue=max_queue,
                state_cache_mb=state_cache_mb, api_key=api_key, image_root=image_root, max_image_mb=max_image_mb,
-               max_context=max_context, say=lambda msg: typer.echo(msg, err=True))  # fmt: skip
+               max_context=max_context, prefill_pad=prefill_pad, say=lambda msg: typer.echo(msg, err=True))  # fmt: skip

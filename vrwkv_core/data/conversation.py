@@ -234,6 +234,17 @@ def encode_conversation(
     return enc.input_ids, enc.labels
 
 
+PAD_ID = 261
+"""The token VisualRWKV v7.00 pads prompts with ("\\n\\n")."""
+
+
+def left_pad(n_tokens: int, multiple: int) -> list[int]:
+    """`(-n_tokens) mod multiple` PAD_IDs: what v7.00's forward prepends to an input of
+    n_tokens embeddings so its length is a multiple of its CUDA kernel's chunk (16). Chat,
+    eval and serve put it before the first prefill of a conversation (0 or 1: none)."""
+    return [PAD_ID] * ((-n_tokens) % multiple) if multiple > 1 else []
+
+
 def encode_generation_prompt(
     question_text: str,
     tokenizer: Tokenizer,

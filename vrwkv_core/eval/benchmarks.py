@@ -87,16 +87,16 @@ class Benchmark:
     prompt_suffix: str | None = None
     """Instruction appended (on its own line) to each question by answer generation, as in
     LLaVA-1.5's eval question files; None: questions are used as written."""
+    llava_suffix: str | None = None
+    """The instruction of prompt style `llava` where the VisualRWKV originals used none
+    (ScienceQA: LLaVA's letter instruction); None: `prompt_suffix` in every style."""
+    skip_text_only: bool = False
+    """The original eval answers image questions only (ScienceQA: text-only ones then count as
+    failed in `accuracy` and are left out of `img_accuracy`); style `llava` answers them all."""
     writes_submission: bool = False
     """True when scoring writes a submission file (--submission) instead of comparing."""
     submission_suffix: str = ".evalai.json"
     """The default submission file: `<answers stem><suffix>` beside the answers."""
-
-    def with_suffix(self, question: str) -> str:
-        """The question as the model should see it: `prompt_suffix` appended once."""
-        if not self.prompt_suffix or question.rstrip().endswith(self.prompt_suffix):
-            return question
-        return f"{question}\n{self.prompt_suffix}"
 
     def score(
         self,
@@ -553,7 +553,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark(
             "scienceqa", "ScienceQA test split, letter accuracy and img_accuracy",
             "folder with problems.json and pid_splits.json", _load_scienceqa,
-            _scienceqa_postprocess, _metric_scienceqa, prompt_suffix=OPTION_LETTER,
+            _scienceqa_postprocess, _metric_scienceqa, llava_suffix=OPTION_LETTER, skip_text_only=True,
         ),
         Benchmark(
             "pope", "POPE (COCO): accuracy, precision, recall, F1, yes-ratio per category",

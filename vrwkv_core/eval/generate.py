@@ -31,6 +31,7 @@ from PIL import Image
 
 from vrwkv_core.checkpoint import read_recipe
 from vrwkv_core.config import RWKV_VERSIONS
+from vrwkv_core.data.conversation import left_pad
 from vrwkv_core.errors import DataError, VrwkvError
 from vrwkv_core.eval.answers import Answer, parse_answer_line, write_answers
 from vrwkv_core.eval.benchmarks import Benchmark, ScoreResult, get_benchmark
@@ -39,6 +40,7 @@ from vrwkv_core.eval.questions import (
     EvalPaths,
     Question,
     answer_prompt,
+    answers_text_only,
     encode_prompt,
     question_text,
     resolve_paths,
@@ -177,6 +179,8 @@ class EvalReport:
     n_skipped: int = 0
     """Already answered in OUT (resume)."""
     n_missing_images: int = 0
+    n_text_only: int = 0
+    """Questions without an image left unanswered, as the original eval leaves them (ScienceQA)."""
     """Questions whose image is missing or unreadable (no answer written)."""
     missing_examples: list[str] = field(default_factory=list)
     generate_s: float = 0.0
@@ -233,7 +237,7 @@ def _check_run_record(out: Path, record: dict[str, Any]) -> None:
             old = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             old = {}
-        for k in ("benchmark", "model_id", "prompt_style", "max_new_tokens"):
+        for k in ("benchmark", "model_id", "prompt_style", "max_new_tokens", "prefill_pad"):
             if k in old and old[k] != record[k]:
                 raise VrwkvError(
                     f"{out} holds answers made with {k}={old[k]!r}, this run has {k}={record[k]!r}",
@@ -257,15 +261,17 @@ def run_eval(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     download: bool = False,
     wkv_backend: str | None = None,
+    prefill_pad: bool = True,
     progress: Progress | None = None,
 ) -> EvalReport:
     """Answers the benchmark's questions not yet answered in `out`, then merges and scores
     (unless this is a shard and others are unfinished). `model`: a --model spec (dir,
     .pth, registry name) or a loaded VisualRWKV. `prompt_style` None: the model's own
-    (`default_prompt_style`)."""
+    (`default_prompt_style`). `prefill_pad`: pad each prompt as the model's release did
+    (`Family.prefill_pad`; v7.00: to a multiple of 16 with token 261)."""
     bench = get_benchmark(benchmark)
     if prompt_style is not None and prompt_style not in PROMPT_STYLES:
-        raise VrwkvError(f"unknown prompt style {prompt_style!r}", hint="use v7 or v6")
+        raise VrwkvError(f"unknown prompt style {prompt_style!r}", hint="use v7, v6 or llava")
     if batch_size < 1:
         raise VrwkvError(f"--batch-size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
@@ -286,7 +292,8 @@ def run_eval(
             vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend)
             prompt_style = default_prompt_style(vlm)
     _check_run_record(out, {"benchmark": bench.name, "data_root": str(paths.root.resolve()), "model": str(model),
-                            "model_id": model_id, "prompt_style": prompt_style, "max_new_tokens": max_new_tokens})  # fmt: skip
+                            "model_id": model_id, "prompt_style": prompt_style, "max_new_tokens": max_new_tokens,
+                            "prefill_pad": prefill_pad})  # fmt: skip
     target = answers_path(out, shard)
     if shard is not None:
         _done_marker(out, shard).unlink(missing_ok=True)
@@ -298,6 +305,9 @@ def run_eval(
         done.update(key(a) for a in read_answer_file(path, repair=path == target))
     todo = [q for q in mine if key(_Keyed(q.question_id, answer_prompt(q, bench, prompt_style))) not in done]
     report.n_skipped = len(mine) - len(todo)
+    if not answers_text_only(bench, prompt_style):  # as the original eval: image questions only
+        report.n_text_only = sum(q.image is None for q in todo)
+        todo = [q for q in todo if q.image is not None]
     absent = [q for q in todo if not _has_image(q, paths)]
     for q in absent:
         _note_missing(report, progress, f"{paths.images / q.image}: image file not found (question {q.question_id})")
@@ -306,8 +316,9 @@ def run_eval(
     if todo:
         if vlm is None:
             vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend)
+        pad = vlm.family.prefill_pad if prefill_pad and hasattr(vlm, "family") else 0
         _generate(vlm, bench, todo, paths, target, model_id, prompt_style, max_new_tokens, batch_size, report,
-                  progress, len(absent))  # fmt: skip
+                  progress, len(absent), pad)  # fmt: skip
 
     if shard is not None:
         atomic_write_text(_done_marker(out, shard), json.dumps(report.shard_json()) + "\n")
@@ -334,17 +345,18 @@ def _note_missing(report: EvalReport, progress: Progress | None, message: str) -
 
 def _generate(vlm: Any, bench: Benchmark, todo: list[Question], paths: EvalPaths, target: Path, model_id: str,
               style: str, max_new_tokens: int, batch_size: int, report: EvalReport, progress: Progress | None,
-              n_absent: int) -> None:  # fmt: skip
-    """Answers `todo`, appending each answer to `target` as it finishes."""
+              n_absent: int, pad: int = 0) -> None:  # fmt: skip
+    """Answers `todo`, appending each answer to `target` as it finishes; prompts are left-padded
+    to a multiple of `pad` (0: none)."""
     import importlib
-
 
     # the module (the package re-exports a function of the same name); looked up at call time
     infer = importlib.import_module("vrwkv_core.infer.generate")
     tok = default_tokenizer()
     # Greedy; the research scripts cut the decoded answer at the first "\n\n" and strip it.
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_strings=("\n\n",))
-    inputs = _LazyInputs(lambda i: _build_input(vlm, tok, bench, todo[i], paths, style), len(todo), ahead=batch_size)
+    inputs = _LazyInputs(lambda i: _build_input(vlm, tok, bench, todo[i], paths, style, pad), len(todo),
+                         ahead=batch_size)  # fmt: skip
     if progress is not None:
         progress.start(f"{bench.name}: answering", total=len(todo) + n_absent)
         progress.update(n_absent)
@@ -369,20 +381,22 @@ def _generate(vlm: Any, bench: Benchmark, todo: list[Question], paths: EvalPaths
 
 
 def _build_input(vlm: Any, tok: RWKVTokenizer, bench: Benchmark, q: Question, paths: EvalPaths,
-                 style: str) -> tuple[list[int], dict | None, str | None]:  # fmt: skip
+                 style: str, pad: int = 0) -> tuple[list[int], dict | None, str | None]:  # fmt: skip
     """(prompt ids, {tower: [N,3,S,S]} or None, error): an unreadable image is replaced by a
     blank one so the batch goes on; its answer is dropped and counted."""
     text = question_text(q, bench, style)
     P = vlm.tokens_per_image
     if q.image is None:
-        return encode_prompt(text, tok, P, 0, style), None, None
+        ids = encode_prompt(text, tok, P, 0, style)
+        return left_pad(len(ids), pad) + ids, None, None
     error = None
     try:
         image = load_image(q.image_data, name=q.image) if q.image_data is not None else load_image(paths.images / q.image)
     except DataError as err:
         error, image = str(err), Image.new("RGB", (32, 32))
     views = vlm.image_processor.views(image)
-    return encode_prompt(text, tok, P, len(views), style), vlm.image_processor.batch(views), error
+    ids = encode_prompt(text, tok, P, len(views), style)
+    return left_pad(len(ids), pad) + ids, vlm.image_processor.batch(views), error
 
 
 class _LazyInputs:

@@ -19,8 +19,7 @@ from vrwkv_core.eval.normalize import normalize_answer, process_digit_article, p
 
 SCIENCEQA_OPTIONS = ("A", "B", "C", "D", "E")
 SCIENCEQA_FAILED = "FAILED"
-_ANSWER_IS_DOT = re.compile(r"The answer is ([A-E])\.")
-_ANSWER_IS = re.compile(r"The answer is ([A-E])")
+_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 
 
 def soft_accuracy(prediction: str, humans: Sequence[str]) -> float:
@@ -62,23 +61,18 @@ def gqa_prediction(text: str) -> str:
 
 
 def scienceqa_letter(text: str | None) -> str:
-    """The option letter the official ScienceQA script reads from an answer, or "FAILED".
-
-    Accepted: the bare letter (surrounding whitespace ignored), "X. ..." at the start, or
-    "The answer is X" anywhere. Newlines count as ". ". A missing answer (None) fails.
-    """
+    """The option letter the official ScienceQA scorer (LLaVA's, which the VisualRWKV originals
+    use) reads from an answer, or "FAILED": the bare letter, "X. ..." at the start, else exactly
+    one match of `The answer is X.` (any character after the letter); two matches fail. A missing
+    answer (None) fails."""
     if text is None:
         return SCIENCEQA_FAILED
-    text = text.replace("\n", ". ")
-    if text.strip() in SCIENCEQA_OPTIONS:
-        return text.strip()
+    if text in SCIENCEQA_OPTIONS:
+        return text
     if len(text) >= 3 and text[0] in SCIENCEQA_OPTIONS and text[1:3] == ". ":
         return text[0]
-    if "The answer is " in text:
-        match = _ANSWER_IS_DOT.search(text) or _ANSWER_IS.search(text)
-        if match:
-            return match.group(1)
-    return SCIENCEQA_FAILED
+    found = _ANSWER_IS.findall(text)
+    return found[0] if len(found) == 1 else SCIENCEQA_FAILED
 
 
 def scienceqa_correct(text: str | None, n_choices: int, answer_index: int) -> bool:

@@ -55,7 +55,7 @@ from vrwkv_core.eval.benchmarks import Benchmark, get_benchmark, read_json, read
 if TYPE_CHECKING:
     from vrwkv_core.tokenizer import RWKVTokenizer
 
-PROMPT_STYLES = ("v7", "v6")
+PROMPT_STYLES = ("v7", "v6", "llava")
 
 
 @dataclass(frozen=True)
@@ -197,10 +197,16 @@ def _vqav2_question(obj: Any, split: str, where: str) -> Question:
 
 
 def prompt_suffix(bench: Benchmark, style: str) -> str | None:
-    """The instruction appended to each question; v6.0's eval added none to ScienceQA."""
-    if style == "v6" and bench.name == "scienceqa":
-        return None
+    """The instruction appended to each question: the VisualRWKV originals' (none for ScienceQA),
+    or with style `llava` LLaVA-1.5's (ScienceQA's letter instruction)."""
+    if style == "llava" and bench.llava_suffix:
+        return bench.llava_suffix
     return bench.prompt_suffix
+
+
+def answers_text_only(bench: Benchmark, style: str) -> bool:
+    """Whether questions without an image are answered (the originals skip them; `llava` does not)."""
+    return style == "llava" or not bench.skip_text_only
 
 
 def question_text(q: Question, bench: Benchmark, style: str = "v7") -> str:
@@ -226,9 +232,9 @@ def v6_turn_text(question: str, n_images: int = 1) -> str:
 
 
 def prompt_image_position(style: str) -> str:
-    """The image position of a prompt style (v7: first, v6: middle)."""
+    """The image position of a prompt style (v7, llava: first; v6: middle)."""
     if style not in PROMPT_STYLES:
-        raise VrwkvError(f"unknown prompt style {style!r}", hint="use v7 or v6")
+        raise VrwkvError(f"unknown prompt style {style!r}", hint="use v7, v6 or llava")
     return "middle" if style == "v6" else "first"
 
 
@@ -241,6 +247,7 @@ def encode_prompt(question: str, tokenizer: RWKVTokenizer, tokens_per_image: int
 __all__ = [
     "LAYOUTS",
     "PROMPT_STYLES",
+    "answers_text_only",
     "EvalPaths",
     "Layout",
     "Question",

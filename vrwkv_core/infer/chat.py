@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from vrwkv_core.data.conversation import IMAGE_MARKER, encode_generation_prompt
+from vrwkv_core.data.conversation import IMAGE_MARKER, encode_generation_prompt, left_pad
 from vrwkv_core.errors import CheckpointError, DataError, VrwkvError
 from vrwkv_core.fsutil import atomic_write_text
 from vrwkv_core.infer.generate import Generation, GenerationResult, prefill
@@ -122,10 +122,13 @@ class ChatSession:
         config: GenerationConfig | None = None,
         ctx_len: int | None = None,
         cache_size: int = 8,
+        prefill_pad: bool = True,
     ) -> None:
         """`config`: default generation knobs (per-call options override them);
         `ctx_len`: the training context, past which `ask` warns (ContextLengthWarning);
-        `cache_size`: image sets whose post-image state is kept (least recently used out)."""
+        `cache_size`: image sets whose post-image state is kept (least recently used out);
+        `prefill_pad`: pad the first prefill of a conversation as the model's release did
+        (`Family.prefill_pad`: v7.00 to a multiple of 16 with token 261; follow-ups unpadded)."""
         if tokenizer is None:
             tokenizer = default_tokenizer()
         self.vlm = vlm
@@ -133,6 +136,8 @@ class ChatSession:
         self.config = config or GenerationConfig()
         self.ctx_len = ctx_len
         self.cache_size = cache_size
+        family = getattr(vlm, "family", None)
+        self.pad_multiple = family.prefill_pad if (prefill_pad and family is not None) else 0
         self.cache_hits = 0
         self.cache_misses = 0
         self._cache: OrderedDict[tuple[str, ...], RWKVState] = OrderedDict()
@@ -190,6 +195,8 @@ class ChatSession:
         P = self.vlm.tokens_per_image
         position = getattr(self.vlm.config, "image_position", "first")
         ids = encode_generation_prompt(question, self.tok, P, n_images=sum(n_slots), image_position=position)
+        if self.state is None:  # the first prefill of the conversation (the pad is part of any cache key)
+            ids = left_pad(len(ids), self.pad_multiple) + ids
         if self.state is None and images:
             logits, state = self._prefill_first_turn(ids, images)
         else:

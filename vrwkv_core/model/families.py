@@ -45,6 +45,9 @@ class Family:
     """Where its release puts the image in chat/eval prompts (first / middle)."""
     reverse_image_rows: bool
     """v6.0's bidirectional scan: odd layers read each image's patch rows backwards."""
+    prefill_pad: int = 0
+    """Its release pads the first prefill of a conversation to a multiple of this with token 261
+    (v7.00's forward did, for its kernel's chunk length); 0: no pad."""
     original_truncation: str = "head"
     """Its original's cut of long training samples (`data.truncation: original`): v7.00 `head`, v6.0 `tail_if_unlabelled`."""
 
@@ -68,10 +71,10 @@ def _is_rwkv7_state_dict(sd: Mapping[str, object]) -> bool:
 FAMILIES: dict[str, Family] = {
     "x070": Family("x070", RWKV7, lambda c: 4 * c, wkv7, _is_rwkv7_state_dict,
                    prompt_style="v7", image_position="first", reverse_image_rows=False,
-                   original_truncation="head"),
+                   original_truncation="head", prefill_pad=16),
     "x060": Family("x060", RWKV6, default_dim_ffn, wkv6, is_rwkv6_state_dict,
                    prompt_style="v6", image_position="middle", reverse_image_rows=True,
-                   original_truncation="tail_if_unlabelled"),
+                   original_truncation="tail_if_unlabelled", prefill_pad=0),
 }
 assert tuple(FAMILIES) == RWKV_VERSIONS, "config.RWKV_VERSIONS lists the families"
 

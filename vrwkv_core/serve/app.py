@@ -44,6 +44,8 @@ class ServeSettings:
     image_root: Path | None = None
     max_image_bytes: int = 20 * 2**20
     max_context: int = 8192
+    prefill_pad: bool = True
+    """Pad the first prefill of a conversation as `chat` does (the model release's pad)."""
 
 
 def create_app(engine: Engine, settings: ServeSettings, metrics: Metrics | None = None) -> FastAPI:
@@ -143,7 +145,8 @@ def create_app(engine: Engine, settings: ServeSettings, metrics: Metrics | None 
         def load(url: str) -> Any:
             return load_image_url(url, settings.image_root, settings.max_image_bytes)
 
-        prompt = await run_in_threadpool(build_prompt, body.messages, engine.tok, engine.model, load, engine.memo)
+        prompt = await run_in_threadpool(build_prompt, body.messages, engine.tok, engine.model, load, engine.memo,
+                                           settings.prefill_pad)
         if len(prompt.ids) > settings.max_context:
             n_img = sum(1 for t in prompt.ids if t == IMAGE_TOKEN_ID)
             raise ApiError(400, f"the prompt is {len(prompt.ids)} tokens ({n_img} of them image placeholders), more than "

@@ -7,7 +7,9 @@
   ids it generated (`AnswerMemo`), so the cached state matches the ids exactly;
 - system/developer turns: `System: {text}\\n\\n` (the template has no system role; this
   is the RWKV World convention);
-- the last message must be a user turn; `Assistant:` follows it.
+- the last message must be a user turn; `Assistant:` follows it;
+- the first prefill (up to the first `Assistant:`) is left-padded as `chat` pads it
+  (`Family.prefill_pad`: v7.00 with token 261 to a multiple of 16).
 
 `boundaries` are the prefix lengths a cached state may exist for: each turn end, and the
 position after the last image of a user turn.
@@ -18,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from vrwkv_core.data.conversation import ROLE_PREFIX, collapse_blank_lines, encode_turn
+from vrwkv_core.data.conversation import ROLE_PREFIX, collapse_blank_lines, encode_turn, left_pad
 from vrwkv_core.infer import image_key
 from vrwkv_core.infer.sampling import IMAGE_TOKEN_ID
 from vrwkv_core.serve.engine import AnswerMemo, PromptImage
@@ -44,6 +46,7 @@ def build_prompt(
     model: object,
     load_image: Callable[[str], Image.Image],
     memo: AnswerMemo | None = None,
+    prefill_pad: bool = True,
 ) -> Prompt:
     """Encodes a conversation (see the module docstring); ApiError 400 for one the template cannot take."""
     if messages[-1].role != "user":
@@ -53,6 +56,7 @@ def build_prompt(
     position = getattr(getattr(model, "config", None), "image_position", "first")
     proc = getattr(model, "image_processor", None)
     out = Prompt([])
+    first_end = None  # where the first prefill of the conversation ends
     for i, msg in enumerate(messages):
         text, urls = _parts(msg, i)
         if msg.role == "user":
@@ -74,6 +78,7 @@ def build_prompt(
                 out.boundaries.append(last + 1)
             if i + 1 < len(messages) and messages[i + 1].role == "assistant" or i + 1 == len(messages):
                 out.ids += assistant
+                first_end = len(out.ids) if first_end is None else first_end
         elif msg.role == "assistant":
             if urls:
                 raise ApiError(400, f"messages.{i}: an assistant message cannot hold images", "invalid_messages",
@@ -88,6 +93,11 @@ def build_prompt(
                                f"messages.{i}.content")  # fmt: skip
             out.ids += list(tokenizer.encode(f"System: {collapse_blank_lines(text)}\n\n"))
         out.boundaries.append(len(out.ids))
+    family = getattr(model, "family", None)
+    pad = left_pad(first_end or len(out.ids), family.prefill_pad if (family is not None and prefill_pad) else 0)
+    if pad:
+        out.ids = pad + out.ids
+        out.boundaries = [b + len(pad) for b in out.boundaries]
     return out
 
 

@@ -46,9 +46,11 @@ def serve(
     image_root: str | Path | None = None,
     max_image_mb: float = 20,
     max_context: int = 8192,
+    prefill_pad: bool = True,
     say: Callable[[str], None] = print,
 ) -> None:
-    """Serves `model` until Ctrl-C / SIGTERM."""
+    """Serves `model` until Ctrl-C / SIGTERM; `prefill_pad`: pad each conversation's first prefill
+    as `chat` does (a new question about a cached image then hits the cache only when its pad matches)."""
     if max_batch < 1 or max_queue < 0 or max_context < 1 or state_cache_mb < 0 or max_image_mb <= 0:
         raise VrwkvError("--max-batch and --max-context must be >= 1; --max-queue, --state-cache-mb >= 0; --max-image-mb > 0")
     root = None
@@ -63,7 +65,8 @@ def serve(
     engine = Engine(vlm, default_tokenizer(), max_batch=max_batch, max_queue=max_queue,
                     state_cache_mb=state_cache_mb, metrics=metrics)  # fmt: skip
     settings = ServeSettings(model_name=model, api_key=api_key, image_root=root,
-                             max_image_bytes=int(max_image_mb * 2**20), max_context=max_context)  # fmt: skip
+                             max_image_bytes=int(max_image_mb * 2**20), max_context=max_context,
+                             prefill_pad=prefill_pad)  # fmt: skip
     app = create_app(engine, settings, metrics)
     server = _Server(uvicorn.Config(app, host=bind, port=port, log_level="warning", timeout_graceful_shutdown=10),
                      on_exit=engine.abort_all)  # fmt: skip
