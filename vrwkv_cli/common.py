@@ -27,8 +27,14 @@ class RichProgress(Progress):
     """vrwkv_core.progress.Progress drawn as a Rich progress bar on stderr."""
 
     def __init__(self, transient: bool = False) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-        from rich.progress import Progress as _RichProgress
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress as _RichProgress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self._bar = _RichProgress(
             TextColumn("[bold]{task.description}"),

@@ -25,8 +25,14 @@ class _ByteProgress(Progress):
     """Progress in bytes (size, speed, time left) on stderr, one bar per file."""
 
     def __init__(self) -> None:
-        from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-        from rich.progress import Progress as RichProgress
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress as RichProgress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         from vrwkv_cli.common import err_console
 

@@ -34,10 +34,10 @@ def _stage(stage: str, recipe_path: str, overrides: list[str] | None, resume: bo
     if print_config:
         typer.echo(recipe_to_yaml(recipe), nl=False)
         return
-    from vrwkv_cli.common import RichProgress, err_console
     from vrwkv_core.progress import Progress
     from vrwkv_core.train import run_stage
     from vrwkv_core.train.strategy import is_launch_rank_zero
+    from vrwkv_cli.common import RichProgress, err_console
 
     first = is_launch_rank_zero()
     progress = RichProgress() if first else Progress()
