@@ -2,12 +2,12 @@
 # The main job on its embedded default: the tiny recipe on synthetic shapes, end to end on
 # CPU (prepare, pretrain, finetune, eval, chat answer). Each step is a plain vrwkv command;
 # the README's CLI tour explains them. Re-running reuses data/shapes, retrains into
-# out/tiny and re-answers the benchmark (answers of the previous model are dropped).
+# out/tiny (--overwrite: replacing the previous run is the point here) and re-answers the benchmark (answers of the previous model are dropped).
 set -euo pipefail
 vrwkv env --no-build
 [ -d data/shapes ] || vrwkv prepare-data synthetic-shapes --out data/shapes
-vrwkv pretrain recipes/tiny.yaml
-vrwkv finetune recipes/tiny.yaml
+vrwkv pretrain recipes/tiny.yaml --overwrite   # retrains by design: replaces out/tiny/pretrain
+vrwkv finetune recipes/tiny.yaml --overwrite
 rm -rf out/tiny/eval
 vrwkv eval --model out/tiny/finetune --benchmark shapes --data-root data/shapes --out out/tiny/eval
 vrwkv chat --model out/tiny/finetune --image data/shapes/images/eval_00000.png \

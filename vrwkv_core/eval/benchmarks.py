@@ -124,9 +124,12 @@ def read_json(path: Path, what: str) -> Any:
     """A JSON file's data; DataError "WHAT not found" or naming the bad line."""
     if not path.is_file():
         raise DataError(f"{what} not found: {path}")
+    from vrwkv_core.textio import read_text
+
     try:
-        with path.open(encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(read_text(path, what=what))
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
 
@@ -135,18 +138,19 @@ def read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
     """(line number, object) of each non-blank line of a JSON-lines file; DataError naming a bad line."""
     if not path.is_file():
         raise DataError(f"{what} not found: {path}")
+    from vrwkv_core.textio import iter_lines
+
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            rows.append((lineno, obj))
+    for lineno, raw in iter_lines(path, what=what):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object")
+        rows.append((lineno, obj))
     return rows
 
 

@@ -279,8 +279,14 @@ class ChatSession:
             raise VrwkvError("nothing to save yet: ask a question first")
         path = Path(path).expanduser()
         meta_path = _meta_path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.state.save(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.state.save(path)
+        except (OSError, ValueError) as err:  # a file where a folder is needed, no permission, a NUL byte
+            from vrwkv_core.textio import path_problem
+
+            where = err.filename if isinstance(err, OSError) and err.filename else path
+            raise VrwkvError(f"{path}: cannot save the chat state ({where}: {path_problem(path, err)})") from None
         meta = {
             "format": STATE_FORMAT,
             "version": 1,

@@ -75,8 +75,15 @@ def read_recipe(model_dir: str | Path) -> "Recipe":
     path = Path(model_dir) / CONFIG
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; is {model_dir} a vrwkv model folder?")
+    from vrwkv_core.config import MAX_RECIPE_BYTES, check_expansion
+    from vrwkv_core.textio import read_text
+
+    text = read_text(path, max_bytes=MAX_RECIPE_BYTES, what="config.yaml", error=CheckpointError)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
+        check_expansion(data, str(path))
+    except RecursionError:
+        raise CheckpointError(f"{path}: the YAML is nested too deeply to be a recipe") from None
     except yaml.YAMLError as err:
         raise CheckpointError(f"{path}: malformed YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, (dict, type(None))):

@@ -19,6 +19,7 @@ mapped for zip files), and each way a file can be wrong is one line naming the f
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -289,6 +290,14 @@ def export_pth(
             raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     model_dir, out = Path(model_dir), Path(out)
+    from vrwkv_core.model.checkpoint import CONFIG
+
+    if out.is_dir():
+        raise CheckpointError(f"{out}: --out is a folder; give the .pth file to write", hint=f"e.g. --out {out / 'model.pth'}")
+    for source in (model_dir / CONFIG, model_dir / WEIGHTS):
+        if out.exists() and source.exists() and os.path.samefile(out, source):
+            raise CheckpointError(f"{out}: --out is the model's own {source.name}; writing it would destroy the input",
+                                  hint="choose another --out")  # fmt: skip
     recipe = read_recipe(model_dir)
     sd = read_safetensors(model_dir / WEIGHTS)
     order = build_meta(recipe.model, lora_of(sd, str(model_dir / WEIGHTS))).state_dict()

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 class StageData(pl.LightningDataModule):
     """Loaders over data.jsonl for one stage; the sampler position is saved in checkpoints."""
 
-    def __init__(self, recipe: "Recipe", stage: str, paths: dict[str, Path], image_processor: Callable, tokens_per_image: int) -> None:
+    def __init__(self, recipe: "Recipe", stage: str, paths: dict[str, Path], image_processor: Callable,
+                 tokens_per_image: int, rejects_path: Path | None = None) -> None:
         super().__init__()
         from vrwkv_core.data.dataset import VisionLanguageDataset
         from vrwkv_core.tokenizer import default_tokenizer
@@ -26,7 +27,7 @@ class StageData(pl.LightningDataModule):
         self.dataset = VisionLanguageDataset(
             paths["records"], paths["images"], default_tokenizer(), image_processor,
             tokens_per_image, recipe.data.ctx_len, skip_bad_images=recipe.data.skip_bad_images,
-            image_position=self.stage.image_position or recipe.model.image_position,
+            image_position=self.stage.image_position or recipe.model.image_position, rejects_path=rejects_path,
         )  # fmt: skip
         self.train_idx, self.val_idx = split_indices(len(self.dataset), recipe.data.val_fraction, self.stage.seed)
         self.sampler: Any = None
