@@ -270,7 +270,7 @@ CHAT_OPTIONS = [("--temperature", "nan", "temperature"), ("--temperature", "-1",
                 ("--top-p", "0", "top_p"), ("--top-p", "1.5", "top_p"), ("--top-k", "-1", "top_k"),
                 ("--presence-penalty", "inf", "presence_penalty"), ("--frequency-penalty", "nan", "frequency_penalty")]
 for opt, val, key in CHAT_OPTIONS:
-    CASES.append((f"chat {opt} {val}", lambda x, o=opt, v=val: x.chat(o, v), 1, (key, v if v != "inf" else "inf")))
+    CASES.append((f"chat {opt} {val}", lambda x, o=opt, v=val: x.chat(o, v), 1, (key, val)))
 CASES.append(("chat --max-new-tokens 0", lambda x: x.chat("--max-new-tokens", "0"), 2, ("max-new-tokens",)))
 
 

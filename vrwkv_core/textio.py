@@ -60,7 +60,7 @@ def path_problem(path: str | os.PathLike, err: BaseException) -> str:
         return "the path contains a NUL byte" if "null" in str(err) else str(err)
     if isinstance(err, IsADirectoryError):
         return "is a folder, not a file"
-    if isinstance(err, NotADirectoryError):
+    if isinstance(err, (NotADirectoryError, FileExistsError)):  # FileExistsError: mkdir met a file
         return "a part of the path is a file, not a folder"
     if isinstance(err, FileNotFoundError):
         return "not found"

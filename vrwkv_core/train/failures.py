@@ -61,7 +61,8 @@ class InterruptCatcher:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self.interrupted = True
-        self.trainer.received_sigterm = True  # type: ignore[attr-defined]
+        # Trainer.received_sigterm is a read-only view of its signal connector's flag.
+        self.trainer._signal_connector.received_sigterm = True  # type: ignore[attr-defined]
 
     def __enter__(self) -> "InterruptCatcher":
         import signal
