@@ -10,7 +10,7 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure speed side by side (ratios in one run).")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON line instead of a table.")]
-ThreadsOpt = Annotated[int, typer.Option(help="torch CPU threads.")]
+ThreadsOpt = Annotated[int, typer.Option(help="torch CPU threads.", min=1)]
 
 
 class Clock(str, Enum):
@@ -20,9 +20,9 @@ class Clock(str, Enum):
 
 @app.command()
 def wkv(
-    batch: Annotated[int, typer.Option("--batch", "-B")] = 1,
-    heads: Annotated[int, typer.Option("--heads", "-H")] = 12,
-    length: Annotated[int, typer.Option("--length", "-T")] = 1024,
+    batch: Annotated[int, typer.Option("--batch", "-B", min=1)] = 1,
+    heads: Annotated[int, typer.Option("--heads", "-H", min=1)] = 12,
+    length: Annotated[int, typer.Option("--length", "-T", min=1)] = 1024,
     threads: ThreadsOpt = 2,
     as_json: JsonOpt = False,
 ) -> None:
@@ -40,8 +40,8 @@ def wkv(
 @app.command()
 def lm(
     threads: ThreadsOpt = 2,
-    length: Annotated[int, typer.Option("--length", "-T", help="Prefill length.")] = 512,
-    decode_tokens: Annotated[int, typer.Option(help="Tokens to decode.")] = 64,
+    length: Annotated[int, typer.Option("--length", "-T", help="Prefill length.", min=1)] = 512,
+    decode_tokens: Annotated[int, typer.Option(help="Tokens to decode.", min=1)] = 64,
     bf16: Annotated[bool, typer.Option("--bf16", help="Add bf16-weights rows.")] = False,
     rwkv6: Annotated[bool, typer.Option("--rwkv6", help="Add RWKV-6 1.6B-shape rows (needs ~13 GB RAM).")] = False,
     clock: Annotated[Clock, typer.Option(

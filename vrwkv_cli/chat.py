@@ -43,7 +43,7 @@ def chat(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Answer this once and exit.")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")] = "auto",
     dtype: Annotated[str, typer.Option(help="fp32 or bf16.")] = "auto",
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 256,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.", min=1)] = 256,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: all).")] = 0,
@@ -193,7 +193,7 @@ def _interactive(session: ChatSession, console: Console, err_console: Console, s
                 console.print("[dim]empty prompt: type a question (/help for commands)[/]")
                 continue
             _stream(lambda: session.ask(text), console, err_console, stats)
-        except VrwkvError as err:
+        except (VrwkvError, OSError) as err:  # a bad /save or /image path must not end the session
             _print_error(err_console, err)
 
 

@@ -47,7 +47,7 @@ def generate(
         help="Prompt template: v7 (image first, as the v7.00 eval), v6 (v6.0's image in the middle) or llava "
              "(image first with LLaVA-1.5's instructions, e.g. ScienceQA's letter instruction, and text-only "
              "questions answered); default: the model's (v6 for an RWKV-6 / x060 model, else v7).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 128,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.", min=1)] = 128,
     download: Annotated[bool, typer.Option("--download", help="Fetch a registry model if it is not on disk.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object on the last line.")] = False,
     wkv_backend: WkvBackendOpt = None,

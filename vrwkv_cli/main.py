@@ -3,12 +3,15 @@
 Subcommands are `typer.Typer` apps registered in the entry-point group `vrwkv.commands`
 (the built-ins by this distribution, plugins by others). A plugin that fails to import is
 one warning line; a plugin cannot replace a built-in. Known errors (`VrwkvError`) become
-one line plus a hint and a non-zero exit; `--debug` or VRWKV_DEBUG=1 shows the traceback.
+one line plus a hint and a non-zero exit, and so does any `OSError` (a path that cannot
+be opened or created: it names the file); `--debug` or VRWKV_DEBUG=1 shows the traceback.
+Exit codes: 0 success, 1 error, 2 usage, 130 Ctrl-C, 143 SIGTERM during training.
 Nothing here imports torch, so `vrwkv --help` is instant.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -141,6 +144,37 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
+    except OSError as err:  # a user path the command could not open or create
+        if debug:
+            traceback.print_exc()
+        message, hint = describe_os_error(err)
+        typer.echo(f"error: {message}", err=True)
+        typer.echo(f"hint: {hint}", err=True)
+        return 1
+
+
+# errno -> what to do about it (the OSError's filename says where)
+_OS_HINTS = {
+    errno.ENOENT: "check the path (a folder on the way may be missing)",
+    errno.EEXIST: "a file is in the way: remove it or choose another path",
+    errno.ENOTDIR: "a part of the path is a file where a folder is needed: choose another path",
+    errno.EISDIR: "the path is a folder where a file is needed: choose a file name",
+    errno.EACCES: "check the permissions, or choose a folder you can write to",
+    errno.EPERM: "check the permissions, or choose a folder you can write to",
+    errno.EROFS: "the filesystem is read-only: choose another folder",
+    errno.ENOSPC: "the disk is full: free some space or choose another disk",
+    errno.ENAMETOOLONG: "shorten the path",
+}
+
+
+def describe_os_error(err: OSError) -> tuple[str, str]:
+    """One line (path and reason) and a hint for an OSError that reached the boundary."""
+    reason = err.strerror or type(err).__name__
+    where = err.filename if err.filename is not None else ""
+    if err.filename2 is not None:
+        where = f"{err.filename} -> {err.filename2}"
+    message = f"{where}: {reason}" if where != "" else f"{reason}"
+    return message, _OS_HINTS.get(err.errno or -1, "check the path and try again (--debug shows the traceback)")
 
 
 def main() -> None:

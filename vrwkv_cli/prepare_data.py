@@ -91,12 +91,7 @@ def extract(
     console.print(f"{archive} -> {out}: {report.extracted} extracted, {report.skipped} already there, "
                     f"{report.bytes_written / 1e6:.1f} MB written")
     if report.refused:
-        table = Table("refused member", "reason", title="unsafe members (not written)")
-        for name, why in report.refused:
-            table.add_row(name, why)
-        err_console.print(table)
-        raise DataError(f"{archive}: {len(report.refused)} unsafe members refused",
-                        hint="everything else was extracted; the listed members were not written")
+        raise DataError(f"{archive}: {report.refused_summary()}", hint="everything else was extracted")
 
 
 @app.command("synthetic-shapes")

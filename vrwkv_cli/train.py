@@ -24,12 +24,19 @@ ResumeOpt = Annotated[
     bool,
     typer.Option("--resume", help="Continue exactly from out_dir/last.ckpt (prev.ckpt if last.ckpt is damaged)."),
 ]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Start fresh even if out_dir holds a run (its checkpoints are replaced)."),
+]
 PrintOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved recipe as YAML and exit.")]
 
 
-def _stage(stage: str, recipe_path: str, overrides: list[str] | None, resume: bool, print_config: bool) -> None:
+def _stage(stage: str, recipe_path: str, overrides: list[str] | None, resume: bool, print_config: bool,
+           overwrite: bool = False) -> None:
     from vrwkv_core.config import load_recipe, recipe_to_yaml
 
+    if resume and overwrite:
+        raise typer.BadParameter("--resume continues the run in out_dir, --overwrite replaces it: pass one",
+                                 param_hint="--resume/--overwrite")
     recipe = load_recipe(recipe_path, overrides or [])
     if print_config:
         typer.echo(recipe_to_yaml(recipe), nl=False)
@@ -42,7 +49,7 @@ def _stage(stage: str, recipe_path: str, overrides: list[str] | None, resume: bo
     first = is_launch_rank_zero()
     progress = RichProgress() if first else Progress()
     try:
-        out_dir = run_stage(recipe, stage, resume=resume, progress=progress)
+        out_dir = run_stage(recipe, stage, resume=resume, progress=progress, overwrite=overwrite)
     finally:
         progress.close()
     if first:
@@ -50,18 +57,20 @@ def _stage(stage: str, recipe_path: str, overrides: list[str] | None, resume: bo
 
 
 @pretrain_app.command()
-def pretrain(recipe: RecipeArg, overrides: OverridesArg = None, resume: ResumeOpt = False, print_config: PrintOpt = False) -> None:
+def pretrain(recipe: RecipeArg, overrides: OverridesArg = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+             print_config: PrintOpt = False) -> None:
     """Stage 1: train the projector on image-caption pairs (towers and LM frozen).
 
     Example: vrwkv pretrain recipes/tiny.yaml pretrain.max_steps=50
     """
-    _stage("pretrain", recipe, overrides, resume, print_config)
+    _stage("pretrain", recipe, overrides, resume, print_config, overwrite)
 
 
 @finetune_app.command()
-def finetune(recipe: RecipeArg, overrides: OverridesArg = None, resume: ResumeOpt = False, print_config: PrintOpt = False) -> None:
+def finetune(recipe: RecipeArg, overrides: OverridesArg = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+             print_config: PrintOpt = False) -> None:
     """Stage 2: train projector and LM on instructions, from finetune.init_from.
 
     Example: vrwkv finetune recipes/tiny.yaml finetune.max_steps=100
     """
-    _stage("finetune", recipe, overrides, resume, print_config)
+    _stage("finetune", recipe, overrides, resume, print_config, overwrite)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from vrwkv_core.errors import RecipeError
+from vrwkv_core.textio import read_text
 
 RWKV_VERSIONS = ("x070", "x060")  # the LM families (vrwkv_core.model.families.FAMILIES)
 WKV_BACKENDS = ("auto", "reference", "chunked", "cuda")  # vrwkv_core.kernels.BACKENDS
@@ -268,6 +269,75 @@ _CHOICES = {
 _TOWERS = ("dino", "siglip", "sam", "clip", "tiny")
 _LOSS_MEANS = ("labelled_samples", "all_samples")
 _RENAMED = {"logit_l2": "l2wrap"}  # old stage key -> new one (its meaning changed too)
+# The allowed range of every numeric key: (lowest, whether the lowest itself is allowed,
+# highest or None, whether the highest is allowed). Stage keys apply to both stages.
+_RANGES: dict[str, tuple[float, bool, float | None, bool]] = {
+    "model.rwkv.n_layer": (1, True, None, False),
+    "model.rwkv.n_embd": (1, True, None, False),
+    "model.rwkv.head_size": (1, True, None, False),
+    "model.rwkv.vocab_size": (1, True, None, False),
+    "model.rwkv.dim_ffn": (1, True, None, False),
+    "model.vision.image_size": (1, True, None, False),
+    "model.vision.tiny.width": (1, True, None, False),
+    "model.vision.tiny.depth": (1, True, None, False),
+    "model.vision.tiny.heads": (1, True, None, False),
+    "model.vision.tiny.patch_size": (1, True, None, False),
+    "model.tokens_per_image": (1, True, None, False),
+    "data.ctx_len": (1, True, None, False),
+    "data.val_fraction": (0, True, 1, False),
+    "data.num_workers": (0, True, None, False),
+    "stage.lr_init": (0, False, None, False),
+    "stage.lr_final": (0, True, None, False),
+    "stage.warmup_steps": (0, True, None, False),
+    "stage.max_steps": (1, True, None, False),
+    "stage.micro_batch": (1, True, None, False),
+    "stage.grad_accum": (1, True, None, False),
+    "stage.weight_decay": (0, True, None, False),
+    "stage.grad_clip": (0, True, None, False),
+    "stage.l2wrap": (0, True, None, False),
+    "stage.frozen_layers": (0, True, None, False),
+    "stage.devices": (1, True, None, False),
+    "stage.global_batch": (1, True, None, False),
+    "stage.save_every_steps": (0, True, None, False),
+    "stage.val_every_steps": (0, True, None, False),
+    "stage.seed": (0, True, 2**32 - 1, True),
+    "stage.max_bad_steps": (1, True, None, False),
+    "hardware.devices": (1, True, None, False),
+    "hardware.nodes": (1, True, None, False),
+    "hardware.ds_bucket_mb": (1, True, None, False),
+}
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything this big is a mistake or an attack
+MAX_RECIPE_NODES = 100_000  # values after YAML aliases are expanded ("billion laughs" guard)
+
+
+def range_text(lo: float, lo_ok: bool, hi: float | None, hi_ok: bool) -> str:
+    """A range in words: `>= 1`, `> 0`, `in [0, 1)`."""
+    if hi is None:
+        return f"{'>=' if lo_ok else '>'} {lo}"
+    return f"in {'[' if lo_ok else '('}{lo}, {hi}{']' if hi_ok else ')'}"
+
+
+def _check_ranges(recipe: "Recipe", bad: Any) -> None:
+    """Every numeric key within its range, finite; lr_final <= lr_init; a non-empty out_dir."""
+    import math
+
+    for spec, (lo, lo_ok, hi, hi_ok) in _RANGES.items():
+        keys = [spec.replace("stage.", f"{s}.", 1) for s in ("pretrain", "finetune")] if spec.startswith("stage.") else [spec]
+        for key in keys:
+            value = _get(recipe, key)
+            if value is None:
+                continue
+            ok = math.isfinite(value) and (value >= lo if lo_ok else value > lo)
+            if ok and hi is not None:
+                ok = value <= hi if hi_ok else value < hi
+            if not ok:
+                raise bad(key, f"{value!r} is out of range: must be {range_text(lo, lo_ok, hi, hi_ok)}")
+    for stage in ("pretrain", "finetune"):
+        st = getattr(recipe, stage)
+        if st.lr_final > st.lr_init:
+            raise bad(f"{stage}.lr_final", f"{st.lr_final!r} is out of range: must be <= {stage}.lr_init ({st.lr_init!r})")
+        if not str(st.out_dir).strip():
+            raise bad(f"{stage}.out_dir", "is empty: name a folder for this stage's outputs")
 _TRAINABLE = ("projector", "rwkv", "rwkv.emb", "rwkv.head", "vision")
 
 
@@ -281,12 +351,10 @@ def _validate(recipe: Recipe, source: str) -> None:
         value = _get(recipe, key)
         if value not in choices:
             raise bad(key, f"{value!r} is not one of {', '.join(choices)}")
+    _check_ranges(recipe, bad)
     rw = recipe.model.rwkv
     if rw.n_embd % rw.head_size:
         raise bad("model.rwkv.n_embd", f"{rw.n_embd} is not a multiple of head_size {rw.head_size}")
-    for key in ("model.rwkv.n_layer", "model.rwkv.n_embd", "model.rwkv.head_size", "model.tokens_per_image"):
-        if _get(recipe, key) <= 0:
-            raise bad(key, "must be positive")
     side = round(recipe.model.tokens_per_image**0.5)
     if "clip" in recipe.model.vision.towers:
         # CLIP (v6.0) is not pooled: its 24x24 patch rows plus the CLS row.
@@ -308,22 +376,10 @@ def _validate(recipe: Recipe, source: str) -> None:
         if st.image_position is not None and st.image_position not in _CHOICES["model.image_position"]:
             choices = ", ".join(_CHOICES["model.image_position"])
             raise bad(f"{stage}.image_position", f"{st.image_position!r} is not one of {choices} (or null)")
-        for key in ("max_steps", "micro_batch", "grad_accum", "max_bad_steps"):
-            if getattr(st, key) <= 0:
-                raise bad(f"{stage}.{key}", "must be positive")
-        for key in ("devices", "global_batch"):
-            if getattr(st, key) is not None and getattr(st, key) <= 0:
-                raise bad(f"{stage}.{key}", "must be positive (or null)")
-        if st.l2wrap < 0:
-            raise bad(f"{stage}.l2wrap", "must be >= 0 (0 disables)")
         if st.loss_mean not in _LOSS_MEANS:
             raise bad(f"{stage}.loss_mean", f"{st.loss_mean!r} is not one of {', '.join(_LOSS_MEANS)}")
         if not 0 <= st.frozen_layers <= rw.n_layer:
             raise bad(f"{stage}.frozen_layers", f"must be in [0, n_layer={rw.n_layer}]")
-    if not 0.0 <= recipe.data.val_fraction < 1.0:
-        raise bad("data.val_fraction", "must be in [0, 1)")
-    if recipe.hardware.devices <= 0 or recipe.hardware.nodes <= 0:
-        raise bad("hardware.devices", "devices and nodes must be positive")
     for stage in ("pretrain", "finetune"):
         _derive_grad_accum(recipe, stage, bad)
 
@@ -343,6 +399,44 @@ def _derive_grad_accum(recipe: Recipe, stage: str, bad: Any) -> None:
     if st.global_batch % per_step:
         raise bad(f"{stage}.global_batch", f"{st.global_batch} is not a multiple of micro_batch x devices x nodes = {per_step}")
     st.grad_accum = st.global_batch // per_step
+
+
+def _yaml_ok(text: str) -> bool:
+    import yaml
+
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return True
+
+
+def check_expansion(data: Any, source: str, limit: int = MAX_RECIPE_NODES) -> None:
+    """Refuses YAML whose aliases expand to more than `limit` values (a "billion laughs" bomb).
+
+    PyYAML shares one object per anchor, so counting with a memo stays fast however large
+    the expansion would be; OmegaConf would copy every reference.
+    """
+    sizes: dict[int, int] = {}
+
+    def size(obj: Any) -> int:
+        if not isinstance(obj, (dict, list)):
+            return 1
+        if id(obj) in sizes:
+            return sizes[id(obj)]
+        sizes[id(obj)] = limit + 1  # a cycle (a recursive alias) counts as too large
+        children = obj.values() if isinstance(obj, dict) else obj
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        sizes[id(obj)] = total
+        return total
+
+    if size(data) > limit:
+        raise RecipeError(f"{source}: the YAML expands to more than {limit:,} values (aliases repeated too often)",
+                          hint="a recipe is a small mapping; remove the repeated aliases")
 
 
 def _get(obj: Any, dotted: str) -> Any:
@@ -397,9 +491,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     layers = [base]
     if path is not None:
         p = Path(path)
-        if not p.is_file():
+        if not p.exists() and not p.is_symlink():
             raise RecipeError(f"{source}: recipe file not found", hint="pass a path such as recipes/tiny.yaml")
-        text = p.read_text(encoding="utf-8")
+        text = read_text(p, max_bytes=MAX_RECIPE_BYTES, what="recipe", error=RecipeError)
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
@@ -407,8 +501,14 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise RecipeError(f"{source}: malformed YAML{where}: {problem}") from None
+        except RecursionError:
+            raise RecipeError(f"{source}: the YAML is nested too deeply to be a recipe") from None
         if data is None:
             data = {}
+        try:
+            check_expansion(data, source)
+        except RecursionError:
+            raise RecipeError(f"{source}: the YAML is nested too deeply to be a recipe") from None
         if not isinstance(data, dict):
             raise RecipeError(f"{source}: a recipe must be a mapping of sections, got {type(data).__name__}")
         try:
@@ -427,6 +527,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
                 merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
             except OmegaConfBaseException as err:
                 raise _friendly(err, "override") from None
+            except yaml.YAMLError as err:  # a value YAML cannot hold, e.g. a NUL byte
+                problem = getattr(err, "problem", None) or getattr(err, "reason", None) or str(err).splitlines()[0]
+                bad_item = next((o for o in overrides if not _yaml_ok(o.partition("=")[2])), overrides[0])
+                raise RecipeError(f"override {bad_item!r}: a value YAML cannot read ({problem})") from None
         recipe: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise _friendly(err, source) from None

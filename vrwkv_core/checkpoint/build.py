@@ -27,7 +27,6 @@ from vrwkv_core.model.rwkv.layers import RWKVLanguageModel
 from vrwkv_core.model.vision import build_featurizer, featurizer_attr
 from vrwkv_core.model.visual_rwkv import VisualRWKV
 
-
 ALIGN = 64  # bytes: what torch's CPU allocator gives every tensor
 
 

@@ -7,6 +7,7 @@ family, or the LM alone as an RWKV-LM `.pth` (names without `rwkv.`) that the `r
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -14,7 +15,7 @@ import torch
 
 from vrwkv_core.checkpoint.build import build_meta, lora_of
 from vrwkv_core.checkpoint.formats import FORMATS
-from vrwkv_core.checkpoint.ours import WEIGHTS, read_recipe
+from vrwkv_core.checkpoint.ours import CONFIG, WEIGHTS, read_recipe
 from vrwkv_core.checkpoint.tensors import check_names, lm_part, read_safetensors
 from vrwkv_core.errors import CheckpointError
 from vrwkv_core.fsutil import atomic_path
@@ -48,6 +49,12 @@ def export_pth(
             raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     model_dir, out = Path(model_dir), Path(out)
+    if out.is_dir():
+        raise CheckpointError(f"{out}: --out is a folder; give the .pth file to write", hint=f"e.g. --out {out / 'model.pth'}")
+    for source in (model_dir / CONFIG, model_dir / WEIGHTS):
+        if out.exists() and source.exists() and os.path.samefile(out, source):
+            raise CheckpointError(f"{out}: --out is the model's own {source.name}; writing it would destroy the input",
+                                  hint="choose another --out")  # fmt: skip
     recipe = read_recipe(model_dir)
     sd = read_safetensors(model_dir / WEIGHTS)
     order = build_meta(recipe.model, lora_of(sd, str(model_dir / WEIGHTS))).state_dict()

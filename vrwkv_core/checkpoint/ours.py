@@ -18,12 +18,20 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vrwkv_core.config import Recipe, recipe_from_dict, recipe_to_dict, recipe_to_yaml
 from vrwkv_core.checkpoint.tensors import first_line
+from vrwkv_core.config import (
+    MAX_RECIPE_BYTES,
+    Recipe,
+    check_expansion,
+    recipe_from_dict,
+    recipe_to_dict,
+    recipe_to_yaml,
+)
 from vrwkv_core.errors import CheckpointError
 from vrwkv_core.fsutil import atomic_path
 from vrwkv_core.model.rwkv.state import PARTS, RWKVState
 from vrwkv_core.model.visual_rwkv import VisualRWKV
+from vrwkv_core.textio import read_text
 
 WEIGHTS = "model.safetensors"
 
@@ -64,8 +72,12 @@ def read_recipe(model_dir: str | Path) -> Recipe:
     path = Path(model_dir) / CONFIG
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; is {model_dir} a vrwkv model folder?")
+    text = read_text(path, max_bytes=MAX_RECIPE_BYTES, what="config.yaml", error=CheckpointError)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
+        check_expansion(data, str(path))
+    except RecursionError:
+        raise CheckpointError(f"{path}: the YAML is nested too deeply to be a recipe") from None
     except yaml.YAMLError as err:
         raise CheckpointError(f"{path}: malformed YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, (dict, type(None))):

@@ -38,6 +38,12 @@ class ExtractReport:
     bytes_written: int = 0
     refused: list[tuple[str, str]] = field(default_factory=list)
 
+    def refused_summary(self, shown: int = 3) -> str:
+        """One line: how many members were refused, the first few with their reasons."""
+        first = ", ".join(f"{name!r} ({why})" for name, why in self.refused[:shown])
+        more = f" and {len(self.refused) - shown} more" if len(self.refused) > shown else ""
+        return f"{len(self.refused)} unsafe members refused (not written): {first}{more}"
+
 
 def safe_destination(root: Path, name: str) -> tuple[Path | None, str]:
     """Destination of member `name` under the resolved `root`, or (None, reason)."""
@@ -67,17 +73,25 @@ def _extract_member(root: Path, name: str, is_dir: bool, size: int, opener: Call
     if dest is None:
         report.refused.append((name, why))
         return
-    if is_dir:
-        dest.mkdir(parents=True, exist_ok=True)
+    try:
+        if is_dir:
+            dest.mkdir(parents=True, exist_ok=True)
+            return
+        if dest.is_file() and dest.stat().st_size == size:
+            report.skipped += 1
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # No fsync per member (tens of thousands of images): a file lost to a crash comes back
+        # short or missing, and the size check above extracts it again.
+        with opener() as src, atomic_open(dest, "wb", fsync=False) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except (FileExistsError, NotADirectoryError, IsADirectoryError):
+        # e.g. a file entry `a` followed by `a/b`: one name cannot be both a file and a folder
+        report.refused.append((name, "a file and a folder of the same name"))
         return
-    if dest.is_file() and dest.stat().st_size == size:
-        report.skipped += 1
+    except (NotImplementedError, RuntimeError) as e:  # zip: unsupported compression or encrypted
+        report.refused.append((name, f"cannot be read ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})"))
         return
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # No fsync per member (tens of thousands of images): a file lost to a crash comes back
-    # short or missing, and the size check above extracts it again.
-    with opener() as src, atomic_open(dest, "wb", fsync=False) as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
     report.extracted += 1
     report.bytes_written += size
 
@@ -116,6 +130,8 @@ def extract_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, prog
     if not archive.is_file():
         raise DataError(f"{archive}: no such file")
     progress = progress or Progress()
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: --out is a file, not a folder", hint="choose a folder to extract into")
     out.mkdir(parents=True, exist_ok=True)
     root = out.resolve()
     report = ExtractReport(archive, out)
@@ -126,8 +142,6 @@ def extract_archive(archive: str | os.PathLike, out_dir: str | os.PathLike, prog
             _extract_tar(archive, root, report, progress)
         else:
             raise DataError(f"{archive}: not a zip or tar archive")
-        for name, why in report.refused:
-            progress.log(f"refused {name!r}: {why}")
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError) as e:
         raise DataError(f"{archive}: damaged archive ({type(e).__name__}: {e})") from None
     finally:

@@ -31,20 +31,51 @@ from torch.utils.data import Dataset, Sampler
 
 from vrwkv_core.data.conversation import IGNORE_INDEX, PAD_TOKEN_ID, Tokenizer, encode_conversation_info
 from vrwkv_core.errors import DataError
+from vrwkv_core.fsutil import atomic_write_text
+from vrwkv_core.textio import inside
 
 log = logging.getLogger(__name__)
 
 
-def _index_lines(path: Path) -> array:
-    """Byte offset of every non-blank line."""
+def _reject_reason(line: bytes, image_folder: Path) -> str | None:
+    """Why a records line cannot be trained on (None when it can): the checks that need no
+    tokenizer or image decoding, so a file of bad records fails before training starts."""
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 text ({e.reason})"
+    except (json.JSONDecodeError, RecursionError) as e:
+        return f"not valid JSON ({getattr(e, 'msg', 'nested too deeply')})"
+    if not isinstance(record, dict):
+        return f"not a JSON object ({type(record).__name__})"
+    conversations = record.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        return "missing or empty 'conversations' list"
+    images = record.get("image")
+    images = [images] if isinstance(images, str) else images if images is not None else []
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        return "'image' is not a path or a list of paths"
+    for rel in images:
+        if inside(image_folder, rel) is None:
+            return f"image path {rel!r} escapes the image folder"
+    return None
+
+
+def _index_lines(path: Path, image_folder: Path) -> tuple[array, list[dict]]:
+    """Byte offset of every usable non-blank line, and a reject entry for each other one."""
     offsets = array("q")
+    rejects: list[dict] = []
     pos = 0
     with open(path, "rb") as f:
-        for line in f:
+        for lineno, line in enumerate(f, start=1):
             if line.strip():
-                offsets.append(pos)
+                reason = _reject_reason(line, image_folder)
+                if reason is None:
+                    offsets.append(pos)
+                else:
+                    rejects.append({"line": lineno, "reason": reason})
             pos += len(line)
-    return offsets
+    return offsets, rejects
 
 
 def record_images(record: dict) -> list[str]:
@@ -69,9 +100,15 @@ class VisionLanguageDataset(Dataset):
         skip_bad_images: bool = False,
         image_position: str = "first",
         truncation: str = "whole_images",
+        rejects_path: str | os.PathLike | None = None,
     ) -> None:
         """`image_position`: where a human turn's images go (`first`, v6.0's `middle`, `last`);
-        `truncation`: see `conversation.TRUNCATIONS`."""
+        `truncation`: see `conversation.TRUNCATIONS`.
+
+        Lines that cannot be used (bad JSON or UTF-8, no conversations, an image path that
+        escapes `image_folder`) are skipped and listed in `self.rejects` (and written to
+        `rejects_path` when given); a file with no usable line is a DataError.
+        """
         self.records_path = Path(records_path)
         if not self.records_path.is_file():
             raise DataError(f"{self.records_path}: no such file", hint="run `vrwkv prepare-data llava` first")
@@ -83,7 +120,14 @@ class VisionLanguageDataset(Dataset):
         self.skip_bad_images = skip_bad_images
         self.image_position = image_position
         self.truncation = truncation
-        self.offsets = _index_lines(self.records_path)
+        self.offsets, self.rejects = _index_lines(self.records_path, self.image_folder)
+        if self.rejects and rejects_path is not None:
+            lines = "".join(json.dumps({"file": str(self.records_path), **r}) + "\n" for r in self.rejects)
+            atomic_write_text(rejects_path, lines)
+        if not self.offsets:
+            where = f": see {rejects_path}" if rejects_path is not None and self.rejects else ""
+            raise DataError(f"no usable records in {self.records_path} ({len(self.rejects)} rejected{where})",
+                            hint="check the file with `vrwkv prepare-data llava`")
         self.n_skipped = 0  # in this process only; collate's n_skipped covers DataLoader workers
         self._file = None
         self._file_pid = -1
@@ -112,6 +156,7 @@ class VisionLanguageDataset(Dataset):
         path = self.image_folder / rel
         try:
             with Image.open(path) as im:
+                im.seek(0)  # an animated image trains on its first frame
                 rgb = im.convert("RGB")
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad files
             raise DataError(

@@ -233,7 +233,12 @@ def prepare_llava(
     if not json_path.is_file():
         raise DataError(f"{json_path}: no such file")
     if not image_folder.is_dir():
-        raise DataError(f"{image_folder}: the image folder does not exist")
+        what = "is a file, not a folder" if image_folder.exists() else "does not exist"
+        raise DataError(f"{image_folder}: the image folder {what}")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: --out is a file, not a folder", hint="choose a folder for data.jsonl and the report")
+    if not 0.0 <= max_reject_fraction <= 1.0:
+        raise DataError(f"--max-reject-fraction {max_reject_fraction} is out of range: must be in [0, 1]")
     if ctx_len is not None and tokens_per_image is None:
         raise DataError("--ctx-len needs --tokens-per-image to count tokens", hint="pass both, e.g. --tokens-per-image 1024 --ctx-len 2048")
     fmt = detect_format(json_path)

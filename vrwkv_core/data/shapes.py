@@ -179,6 +179,8 @@ def prepare_shapes(
     if n_train < 1 or n_eval < 0:
         raise DataError(f"synthetic shapes need at least 1 training image and 0 or more eval images (got {n_train}, {n_eval})")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: --out is a file, not a folder", hint="choose a folder for the shapes data")
     progress = progress or Progress()
     try:
         if out.exists():

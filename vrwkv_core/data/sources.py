@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from vrwkv_core.errors import DataError
+from vrwkv_core.textio import bad_utf8_in
 
 _BLOCK = 1 << 20
 _MAX_RECORD_CHARS = 1 << 26  # give up on a "record" this long: the file is malformed
@@ -34,7 +35,10 @@ def detect_format(path: str | os.PathLike) -> str:
     """'json' for a top-level array, 'jsonl' for one object per line."""
     with open(path, encoding="utf-8-sig") as f:
         while True:
-            ch = f.read(1)
+            try:
+                ch = f.read(1)
+            except UnicodeDecodeError:
+                raise bad_utf8_in(path) from None
             if not ch:
                 raise DataError(f"{path}: the file is empty")
             if ch not in _WS:
@@ -48,10 +52,13 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def iter_records(path: str | os.PathLike) -> Iterator[SourceItem]:
     """Yield every record of a JSON array or JSONL file, in file order."""
-    if detect_format(path) == "json":
-        yield from _iter_json_array(path)
-    else:
-        yield from _iter_jsonl(path)
+    try:
+        if detect_format(path) == "json":
+            yield from _iter_json_array(path)
+        else:
+            yield from _iter_jsonl(path)
+    except UnicodeDecodeError:
+        raise bad_utf8_in(path) from None
 
 
 def _iter_jsonl(path: str | os.PathLike) -> Iterator[SourceItem]:

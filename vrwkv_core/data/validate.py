@@ -204,6 +204,8 @@ class RecordChecker:
     def _check_image_uncached(self, rel: str) -> None:
         if os.path.isabs(rel) or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[0].isalpha() and rel[1] == ":"):
             raise Reject(ABSOLUTE_PATH, rel)
+        if "\x00" in rel:
+            raise Reject(BAD_IMAGE_FIELD, f"{rel!r}: NUL byte in the path")
         path = self.image_folder / rel
         try:
             resolved = path.resolve()

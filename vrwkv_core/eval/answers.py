@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vrwkv_core.errors import DataError
+from vrwkv_core.textio import iter_lines
 
 __all__ = ["Answer", "dedupe", "read_answers", "write_answers"]
 
@@ -51,12 +52,8 @@ def read_answers(path: str | Path) -> list[Answer]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"answers file not found: {path}")
-    answers = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if raw.strip():
-                answers.append(parse_answer_line(raw, path, lineno))
-    return answers
+    return [parse_answer_line(raw, path, lineno) for lineno, raw in iter_lines(path, what="answers file")
+            if raw.strip()]
 
 
 def parse_answer_line(raw: str, path: Path, lineno: int) -> Answer:
@@ -66,6 +63,8 @@ def parse_answer_line(raw: str, path: Path, lineno: int) -> Answer:
         obj = json.loads(raw)
     except json.JSONDecodeError as err:
         raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     qid = obj.get("question_id")

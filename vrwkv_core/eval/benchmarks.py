@@ -32,6 +32,7 @@ from vrwkv_core.eval import metrics
 from vrwkv_core.eval.answers import Answer, dedupe, read_answers
 from vrwkv_core.eval.normalize import normalize_answer
 from vrwkv_core.fsutil import atomic_write_text
+from vrwkv_core.textio import iter_lines, read_text
 
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
 
@@ -127,8 +128,9 @@ def read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise DataError(f"{what} not found: {path}")
     try:
-        with path.open(encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(read_text(path, what=what))
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
 
@@ -138,17 +140,16 @@ def read_jsonl(path: Path, what: str) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise DataError(f"{what} not found: {path}")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            rows.append((lineno, obj))
+    for lineno, raw in iter_lines(path, what=what):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object")
+        rows.append((lineno, obj))
     return rows
 
 

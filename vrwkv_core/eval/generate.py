@@ -52,6 +52,7 @@ from vrwkv_core.infer.loading import load_model
 from vrwkv_core.infer.sampling import GenerationConfig
 from vrwkv_core.model.families import family
 from vrwkv_core.progress import Progress
+from vrwkv_core.textio import inside, not_utf8, read_text
 from vrwkv_core.tokenizer import default_tokenizer
 
 if TYPE_CHECKING:
@@ -114,8 +115,12 @@ def read_answer_file(path: str | Path, repair: bool = False) -> list[Answer]:
             if repair:
                 with path.open("r+b") as f:
                     f.truncate(last_nl)
+    try:
+        text = data[:end].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise not_utf8(path, data, err) from None
     answers = []
-    for n, raw in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
+    for n, raw in enumerate(text.splitlines(), start=1):
         if raw.strip():
             answers.append(parse_answer_line(raw, path, n))
     return answers
@@ -278,6 +283,8 @@ def run_eval(
         raise VrwkvError(f"--limit must be >= 1, got {limit}")
     paths = resolve_paths(bench.name, data_root)
     questions = read_questions(bench.name, paths.questions)
+    if not questions:
+        raise DataError(f"no questions in {paths.questions}", hint="check --data-root and the question file")
     if limit is not None:
         questions = questions[:limit]
     mine = shard_slice(questions, shard)
@@ -308,6 +315,10 @@ def run_eval(
     if not answers_text_only(bench, prompt_style):  # as the original eval: image questions only
         report.n_text_only = sum(q.image is None for q in todo)
         todo = [q for q in todo if q.image is not None]
+    escaping = [q for q in todo if q.image is not None and q.image_data is None and inside(paths.images, q.image) is None]
+    for q in escaping:
+        _note_missing(report, progress, f"question {q.question_id}: image path {q.image!r} escapes {paths.images}")
+    todo = [q for q in todo if q not in escaping]
     absent = [q for q in todo if not _has_image(q, paths)]
     for q in absent:
         _note_missing(report, progress, f"{paths.images / q.image}: image file not found (question {q.question_id})")
@@ -462,7 +473,12 @@ def merge_and_score(out: str | Path) -> EvalReport:
     record_path = out / RUN_FILE
     if not record_path.is_file():
         raise DataError(f"{record_path} not found: {out} is not a `vrwkv eval` output folder")
-    record = json.loads(record_path.read_text(encoding="utf-8"))
+    try:
+        record = json.loads(read_text(record_path, what="run record"))
+        record["benchmark"], record["data_root"]
+    except (json.JSONDecodeError, TypeError, KeyError):
+        raise DataError(f"{record_path}: damaged (not the JSON object `vrwkv eval` writes)",
+                        hint="rerun `vrwkv eval` with the same --out to rewrite it") from None
     if not answer_files(out):
         raise DataError(f"{out}: no answers.jsonl or answers.shard-*-of-*.jsonl to merge")
     bench = get_benchmark(record["benchmark"])

@@ -202,6 +202,21 @@ def _external_error(art: Artifact, dir: str | Path | None) -> DownloadError:  # 
                          hint=f"{art.notes} (folder: {where})")
 
 
+def check_download_dir(folder: Path) -> None:
+    """--dir must be a folder this user can write to (or creatable): checked before the hub is contacted."""
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == folder else f"is under {existing}, which is a file"
+        raise DownloadError(f"{folder}: --dir {where}, not a folder", hint="choose a folder for the downloads")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise DownloadError(f"{folder}: --dir is not writable ({existing}: permission denied)",
+                            hint="choose a folder you can write to")
+
+
 def download(
     name: str,
     dir: str | Path | None = None,  # noqa: A002
@@ -219,6 +234,8 @@ def download(
     if not art.on_hub:
         raise _external_error(art, dir)
     rev = revision or art.revision
+    if dir is not None:
+        check_download_dir(Path(dir).expanduser())
     target = Path(dir).expanduser() / art.placement if dir is not None else None
     is_offline = offline()
     if is_offline and force:

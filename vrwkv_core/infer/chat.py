@@ -48,6 +48,7 @@ from vrwkv_core.fsutil import atomic_write_text
 from vrwkv_core.infer.generate import Generation, GenerationResult, prefill
 from vrwkv_core.infer.sampling import DOUBLE_NEWLINE, IMAGE_TOKEN_ID, GenerationConfig, make_config
 from vrwkv_core.model.rwkv.state import RWKVState
+from vrwkv_core.textio import path_problem
 from vrwkv_core.tokenizer import default_tokenizer
 
 if TYPE_CHECKING:
@@ -286,8 +287,12 @@ class ChatSession:
             raise VrwkvError("nothing to save yet: ask a question first")
         path = Path(path).expanduser()
         meta_path = _meta_path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.state.save(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.state.save(path)
+        except (OSError, ValueError) as err:  # a file where a folder is needed, no permission, a NUL byte
+            where = err.filename if isinstance(err, OSError) and err.filename else path
+            raise VrwkvError(f"{path}: cannot save the chat state ({where}: {path_problem(path, err)})") from None
         meta = {
             "format": STATE_FORMAT,
             "version": 1,

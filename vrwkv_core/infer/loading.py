@@ -94,7 +94,7 @@ def context_length(spec: str | Path) -> int | None:
         try:
             data = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
             return int(data.get("data", {}).get("ctx_len", 2048))
-        except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+        except (yaml.YAMLError, AttributeError, TypeError, ValueError, OSError):  # incl. UnicodeDecodeError
             return None
     if path.suffix == ".pth" or not path.exists():
         return RELEASED_CTX_LEN

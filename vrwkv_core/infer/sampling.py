@@ -15,6 +15,7 @@ penalty once generated. Penalties look at generated tokens only, not at the prom
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Sequence
 
@@ -63,8 +64,11 @@ class GenerationConfig:
             object.__setattr__(self, name, tuple(value))
         if self.max_new_tokens < 0:
             raise VrwkvError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise VrwkvError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise VrwkvError(f"temperature must be finite and >= 0 (0 is greedy), got {self.temperature}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise VrwkvError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not 0.0 < self.top_p <= 1.0:
             raise VrwkvError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

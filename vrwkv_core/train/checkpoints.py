@@ -125,14 +125,13 @@ def find_resumable(out_dir: Path) -> tuple[Path, dict[str, Any] | None, list[str
     """(checkpoint to resume from, its manifest entry, warnings) or a CheckpointError.
 
     Takes the newest of last.ckpt / prev.ckpt whose sha256 the manifest lists. Without a
-    manifest (an older run) last.ckpt is taken unverified, with a warning.
+    readable manifest, the newest that loads completely (every zip member's CRC, then
+    torch.load) and holds everything a resume needs.
     """
     last, prev = out_dir / LAST, out_dir / PREV
     entries = read_manifest(out_dir)
     if entries is None:
-        if last.exists():
-            return last, None, [f"{out_dir / MANIFEST} is missing: resuming from {LAST} without checking it"]
-        raise CheckpointError(f"{last}: nothing to resume", hint="drop --resume to start fresh")
+        return _resumable_without_manifest(out_dir)
     by_sha = {e["sha256"]: e for e in entries}
     warnings: list[str] = []
     found: list[tuple[Path, dict[str, Any]]] = []
@@ -157,6 +156,56 @@ def find_resumable(out_dir: Path) -> tuple[Path, dict[str, Any] | None, list[str
     if path != last:
         warnings.append(f"falling back to {path.name} (step {entry['step']})")
     return path, entry, warnings
+
+
+RESUME_KEYS = ("state_dict", "optimizer_states", "global_step", "loops", "callbacks")
+
+
+def complete_checkpoint(path: Path) -> tuple[int | None, str]:
+    """(training step, "") when `path` loads completely and can be resumed, else (None, why)."""
+    import zipfile
+
+    import torch
+
+    if path.is_dir():  # a DeepSpeed folder: no checksums inside to test
+        return (0, "") if any(path.iterdir()) else (None, "an empty folder")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+        if bad is not None:
+            return None, f"member {bad} fails its CRC check"
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zipfile, pickle and torch each raise their own types
+        return None, f"does not load ({type(err).__name__})"
+    if not isinstance(ckpt, dict):
+        return None, "not a training checkpoint"
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        return None, f"lacks {', '.join(missing)}"
+    return int(ckpt["global_step"]), ""
+
+
+def _resumable_without_manifest(out_dir: Path) -> tuple[Path, None, list[str]]:
+    """The newer complete checkpoint of last/prev when checkpoints.json cannot be read."""
+    warnings = [f"{out_dir / MANIFEST} is missing or unreadable: checking the checkpoints by loading them"]
+    found: list[tuple[int, Path]] = []
+    for path in (out_dir / LAST, out_dir / PREV):
+        if not path.exists():
+            continue
+        step, why = complete_checkpoint(path)
+        if step is None:
+            warnings.append(f"skipped {path.name}: {why}")
+        else:
+            found.append((step, path))
+    if not found:
+        if not (out_dir / LAST).exists() and not (out_dir / PREV).exists():
+            raise CheckpointError(f"{out_dir / LAST}: nothing to resume", hint="drop --resume to start fresh")
+        raise CheckpointError(f"{out_dir}: no intact checkpoint ({'; '.join(warnings[1:])})",
+                              hint="drop --resume and pass --overwrite to start fresh")
+    step, path = max(found, key=lambda sp: sp[0])
+    if path.name != LAST:
+        warnings.append(f"falling back to {path.name} (step {step})")
+    return path, None, warnings
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -31,7 +31,8 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
 class StageData(pl.LightningDataModule):
     """Loaders over data.jsonl for one stage; the sampler position is saved in checkpoints."""
 
-    def __init__(self, recipe: "Recipe", stage: str, paths: dict[str, Path], image_processor: Callable, tokens_per_image: int) -> None:
+    def __init__(self, recipe: "Recipe", stage: str, paths: dict[str, Path], image_processor: Callable,
+                 tokens_per_image: int, rejects_path: Path | None = None) -> None:
         super().__init__()
         self.recipe = recipe
         self.stage = getattr(recipe, stage)
@@ -39,7 +40,7 @@ class StageData(pl.LightningDataModule):
         self.dataset = VisionLanguageDataset(
             paths["records"], paths["images"], default_tokenizer(), image_processor,
             tokens_per_image, recipe.data.ctx_len, skip_bad_images=recipe.data.skip_bad_images,
-            image_position=self.stage.image_position or recipe.model.image_position,
+            image_position=self.stage.image_position or recipe.model.image_position, rejects_path=rejects_path,
             truncation=family(recipe.model.rwkv.version).original_truncation if original else "whole_images",
         )  # fmt: skip
         # The original pads every sample to ctx_len (L2Wrap's 1/(B*T) and its padding rows see it).

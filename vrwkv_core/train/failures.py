@@ -3,6 +3,7 @@
 - SIGTERM (a scheduler's pre-emption, `kill`): Lightning finishes the step, StageMonitor
   saves last.ckpt, and the run ends with `TrainingStopped` (exit code 143, as a process
   killed by SIGTERM reports).
+- Ctrl-C (SIGINT): handled like SIGTERM (`InterruptCatcher`), exit code 130.
 - Too many non-finite steps in a row: `TrainingStopped` naming the step and the knobs.
 - Out of memory: `out_of_memory_error` turns torch's error into one naming the knobs.
 """
@@ -30,6 +31,53 @@ class TrainingStopped(VrwkvError):
 def sigterm_stop(stage: str, step: int) -> TrainingStopped:
     return TrainingStopped(f"stopped by SIGTERM at step {step}; resume with --resume",
                            hint=f"vrwkv {stage} RECIPE --resume continues from last.ckpt", exit_code=SIGTERM_EXIT)  # fmt: skip
+
+
+INTERRUPT_EXIT = 130  # 128 + SIGINT
+
+
+def interrupted_stop(stage: str, step: int, saved: bool = True) -> TrainingStopped:
+    if not saved:
+        return TrainingStopped(f"interrupted twice at step {step}: stopped without saving; resume with --resume "
+                               "(from the last saved checkpoint)", exit_code=INTERRUPT_EXIT)  # fmt: skip
+    return TrainingStopped(f"interrupted at step {step}; resume with --resume",
+                           hint=f"vrwkv {stage} RECIPE --resume continues from last.ckpt", exit_code=INTERRUPT_EXIT)  # fmt: skip
+
+
+class InterruptCatcher:
+    """Turns the first Ctrl-C during fit into Lightning's SIGTERM path: the step finishes,
+    every rank stops together, StageMonitor saves last.ckpt (Lightning's own Ctrl-C handling
+    would exit 1 without saving). A second Ctrl-C interrupts at once. Main thread only."""
+
+    def __init__(self, trainer: object) -> None:
+        self.trainer = trainer
+        self.interrupted = False
+        self._previous: object = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        import signal
+
+        if self.interrupted:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.interrupted = True
+        # Trainer.received_sigterm is a read-only view of its signal connector's flag.
+        self.trainer._signal_connector.received_sigterm = True  # type: ignore[attr-defined]
+
+    def __enter__(self) -> "InterruptCatcher":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
+            self._previous = None
 
 
 def non_finite_stop(stage: str, step: int, in_row: int) -> TrainingStopped:

@@ -29,12 +29,20 @@ from vrwkv_core.data.shapes import prepare_shapes
 from vrwkv_core.errors import CheckpointError, DataError, RecipeError
 from vrwkv_core.hub import resolve
 from vrwkv_core.progress import NULL_PROGRESS, Progress
+from vrwkv_core.tokenizer import default_tokenizer
 from vrwkv_core.train.callbacks import StageMonitor, format_table
 from vrwkv_core.train.checkpoints import LAST, PREV, find_resumable, recipe_drift
 from vrwkv_core.train.data import StageData
-from vrwkv_core.train.failures import is_out_of_memory, out_of_memory_error, sigterm_stop
+from vrwkv_core.train.failures import (
+    InterruptCatcher,
+    interrupted_stop,
+    is_out_of_memory,
+    out_of_memory_error,
+    sigterm_stop,
+)
 from vrwkv_core.train.module import StageModule, parameter_table
-from vrwkv_core.train.strategy import trainer_hardware
+from vrwkv_core.train.outdir import OutDirLock, check_out_dir
+from vrwkv_core.train.strategy import is_launch_rank_zero, trainer_hardware
 
 if TYPE_CHECKING:
     from vrwkv_core.config import Recipe
@@ -54,6 +62,7 @@ def check_inputs(recipe: "Recipe", stage: str, resume: bool, progress: Progress)
     """Checks every file the stage needs before anything is built; prepares shapes if asked."""
     if stage not in STAGES:
         raise RecipeError(f"unknown stage {stage!r}; choose pretrain or finetune")
+    check_vocab(recipe)
     st = getattr(recipe, stage)
     paths = stage_paths(recipe, stage)
     if not paths["records"].is_file() and recipe.data.synthetic and not paths["root"].exists():
@@ -84,6 +93,14 @@ def check_inputs(recipe: "Recipe", stage: str, resume: bool, progress: Progress)
     if resume and not ((out / LAST).exists() or (out / PREV).exists()):
         raise CheckpointError(f"{out / LAST}: nothing to resume", hint="drop --resume to start fresh")
     return paths
+
+
+def check_vocab(recipe: Recipe) -> None:
+    """model.rwkv.vocab_size must be the tokenizer's (the model classes accept any size, for tests)."""
+    want = default_tokenizer().vocab_size
+    if recipe.model.rwkv.vocab_size != want:
+        raise RecipeError(f"model.rwkv.vocab_size: {recipe.model.rwkv.vocab_size} does not match the tokenizer's "
+                          f"{want} ids (the RWKV World vocabulary)", hint=f"set model.rwkv.vocab_size={want}")  # fmt: skip
 
 
 def build_model(recipe: Recipe, paths: dict[str, Path]) -> VisualRWKV:
@@ -138,16 +155,22 @@ def _report_drift(saved: dict[str, Any] | None, recipe: "Recipe", stage: str, pr
         progress.log("warning: the recipe differs from the checkpoint's:\n  " + "\n  ".join(shown))
 
 
-def run_stage(recipe: "Recipe", stage: str, resume: bool = False, progress: Progress | None = None) -> Path:
-    """Runs one stage (`pretrain` or `finetune`) of a recipe and returns its out_dir."""
+def run_stage(recipe: "Recipe", stage: str, resume: bool = False, progress: Progress | None = None,
+              overwrite: bool = False) -> Path:
+    """Runs one stage (`pretrain` or `finetune`) of a recipe and returns its out_dir.
+
+    A fresh run into an out_dir that holds a run needs `overwrite`; the out_dir is locked
+    for the run (rank 0 only). Ctrl-C stops at the next step, saves last.ckpt and raises
+    TrainingStopped (exit code 130), as SIGTERM does (143).
+    """
     import pytorch_lightning as pl
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 
     progress = progress or NULL_PROGRESS
     _quiet_lightning()
     if stage not in STAGES:
         raise RecipeError(f"unknown stage {stage!r}; choose pretrain or finetune")
+    check_vocab(recipe)  # before the Trainer: nothing is built for a recipe that cannot train
     st = getattr(recipe, stage)
     out_dir = Path(st.out_dir)
     # first: no GPU is a clear error; `<stage>.devices` overrides hardware.devices
@@ -173,9 +196,29 @@ def run_stage(recipe: "Recipe", stage: str, resume: bool = False, progress: Prog
         log_every_n_steps=1,
         deterministic="warn" if deterministic else None,
     )
-    if not trainer.is_global_zero:  # DDP's extra processes run this too: rank 0 alone reports
+    rank_zero = trainer.is_global_zero and is_launch_rank_zero()
+    if not rank_zero:  # DDP's extra processes run this too: rank 0 alone reports, checks and locks
         progress = monitor.progress = NULL_PROGRESS
     paths = check_inputs(recipe, stage, resume, progress)
+    lock = OutDirLock(out_dir, progress)
+    if rank_zero:
+        check_out_dir(out_dir, stage, resume, overwrite)
+        lock.acquire()
+    try:
+        return _fit(recipe, stage, resume, progress, trainer, monitor, paths, rank_zero)
+    finally:
+        lock.release()
+
+
+def _fit(recipe: "Recipe", stage: str, resume: bool, progress: Progress, trainer: Any, monitor: Any,
+         paths: dict[str, Path], rank_zero: bool) -> Path:
+    """The part of run_stage that holds the out_dir lock: resume, build, fit, write outputs."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+
+    st = getattr(recipe, stage)
+    out_dir = Path(st.out_dir)
     ckpt_path: Path | None = None
     if resume:
         ckpt_path, entry, warnings = find_resumable(out_dir)
@@ -190,14 +233,27 @@ def run_stage(recipe: "Recipe", stage: str, resume: bool = False, progress: Prog
         _report_drift(_saved_recipe(ckpt_path, entry), recipe, stage, progress)
     module = StageModule(model, recipe, stage)
     monitor.recipe = recipe
+    data = StageData(recipe, stage, paths, model.image_processor, model.tokens_per_image,
+                     rejects_path=out_dir / "rejects.jsonl" if rank_zero else None)  # fmt: skip
+    if data.dataset.rejects:
+        progress.log(f"warning: {len(data.dataset.rejects)} record(s) of {paths['records']} skipped "
+                     f"(first: line {data.dataset.rejects[0]['line']}, {data.dataset.rejects[0]['reason']}): "
+                     f"see {out_dir / 'rejects.jsonl'}")  # fmt: skip
     progress.log(format_table(parameter_table(model), f"{stage}: parameters"))
-    data = StageData(recipe, stage, paths, model.image_processor, model.tokens_per_image)
     started = time.perf_counter()
+    catcher = InterruptCatcher(trainer)
     try:
-        # weights_only=True: our checkpoints hold tensors and plain data only.
-        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+        with catcher:
+            # weights_only=True: our checkpoints hold tensors and plain data only.
+            trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     except SIGTERMException:
+        if catcher.interrupted:
+            raise interrupted_stop(stage, trainer.global_step) from None
         raise sigterm_stop(stage, trainer.global_step) from None
+    except SystemExit:
+        if catcher.interrupted:  # a second Ctrl-C: Lightning gave up without saving
+            raise interrupted_stop(stage, trainer.global_step, saved=False) from None
+        raise
     except BaseException as err:
         if is_out_of_memory(err):
             raise out_of_memory_error(recipe, stage, trainer.global_step) from err
