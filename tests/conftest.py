@@ -15,7 +15,7 @@ REFERENCE = SHARED / "reference"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test reaches the internet
 
-from helpers import build_tiny_vlm  # noqa: E402  (after the offline switch)
+from helpers import build_tiny_v6, build_tiny_vlm  # noqa: E402  (after the offline switch)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -132,3 +132,24 @@ def tiny_trained(tmp_path_factory):
 def tiny_vlm():
     """`build_tiny_vlm()`, built once per test module."""
     return build_tiny_vlm()
+
+
+@pytest.fixture(scope="module")
+def tiny_v6():
+    return build_tiny_v6()
+
+@pytest.fixture(scope="module")
+def v6_dir(tmp_path_factory) -> Path:
+    """The tiny v6.0 model saved as a training stage writes it (config.yaml + model.safetensors)."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from vrwkv_core.checkpoint import save_pretrained
+    from vrwkv_core.config import load_recipe
+
+    out = tmp_path_factory.mktemp("v6model")
+    vlm = build_tiny_v6()
+    save_pretrained(vlm, out, replace(load_recipe(REPO / "recipes" / "tiny.yaml"), model=vlm.config))
+    Image.new("RGB", (40, 30), "red").save(out / "red.png")
+    return out

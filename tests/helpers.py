@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from vrwkv_core.bench.lm import random_rwkv7_weights
-from vrwkv_core.config import ModelSection, RWKVSection, TinyTowerSection, VisionSection
+from vrwkv_core.config import ModelSection, ProjectorSection, RWKVSection, TinyTowerSection, VisionSection
 from vrwkv_core.model.visual_rwkv import VisualRWKV
 
 
@@ -96,3 +96,21 @@ def perturbed_vlm(model_cfg, seed: int = 0):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model.eval()
+
+
+def build_tiny_v6():
+    """VisualRWKV x060 with the tiny tower (16 tokens: 15 reversed rows + the last), middle placement."""
+    torch.manual_seed(3)
+    cfg = ModelSection(
+        rwkv=RWKVSection(version="x060", n_layer=2, n_embd=64, head_size=32),
+        vision=VisionSection(towers=["tiny"], image_size=32,
+                             tiny=TinyTowerSection(width=32, depth=1, heads=2, patch_size=8)),
+        projector=ProjectorSection(type="linear"), tokens_per_image=16, image_position="middle",
+    )  # fmt: skip
+    model = VisualRWKV(cfg).eval()
+    with torch.no_grad():
+        for p in model.rwkv.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+        for p in model.proj.parameters():
+            p.normal_(0.0, 0.5)
+    return model

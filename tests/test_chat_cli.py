@@ -15,6 +15,7 @@ from helpers import build_tiny_vlm
 from PIL import Image
 
 from vrwkv_cli.main import run
+from vrwkv_core.eval.benchmarks import SHORT_ANSWER
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,3 +203,24 @@ def test_load_model_is_the_checkpoint_loader_plus_the_cpu_decoding_layout(model_
     (bad / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(CheckpointError, match="missing"):
         load_model(bad, device="cpu")
+
+
+def test_chat_cli_prompt_answers_with_a_tiny_v6_dir(v6_dir: Path, tokenizer, capsys) -> None:
+    """`vrwkv chat --prompt` on a saved x060 / middle model dir answers on CPU, as ChatSession does."""
+    import json
+
+    from vrwkv_cli.main import run
+    from vrwkv_core.infer import ChatSession, load_model
+
+    q = f"What color is the square?\n{SHORT_ANSWER}"
+    args = ["chat", "--model", str(v6_dir), "--image", str(v6_dir / "red.png"), "--device", "cpu",
+            "--max-new-tokens", "5", "--prompt", q, "--json"]  # fmt: skip
+    capsys.readouterr()
+    assert run(args) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    vlm = load_model(v6_dir, device="cpu")
+    assert (vlm.config.rwkv.version, vlm.config.image_position) == ("x060", "middle")
+    session = ChatSession(vlm, tokenizer)
+    session.add_image(v6_dir / "red.png")
+    expected = session.ask(q, max_new_tokens=5).run()
+    assert record["answer"] == expected.text and record["n_new_tokens"] == len(expected.token_ids) > 0

@@ -83,3 +83,18 @@ def test_yaml_round_trip():
 def test_readme_recipe_reference_is_in_sync():
     readme = (REPO / "README.md").read_text()
     assert schema_reference() in readme, "regenerate the README's recipe reference: python -m vrwkv_core.config"
+
+
+def test_v6_1b6_recipe_loads() -> None:
+    from vrwkv_core.config import load_recipe
+
+    r = load_recipe(REPO / "recipes" / "v6-1b6.yaml")
+    m = r.model
+    assert (m.rwkv.version, m.rwkv.n_layer, m.rwkv.n_embd) == ("x060", 24, 2048)
+    assert (m.vision.towers, m.vision.image_size) == (["clip"], 336)
+    assert (m.projector.type, m.tokens_per_image, m.image_position) == ("linear", 577, "middle")
+    assert (r.pretrain.lr_init, r.pretrain.lr_final, r.finetune.lr_init, r.finetune.lr_final) == (1e-3, 1e-5, 3e-5, 1.5e-5)
+    assert r.finetune.frozen == ["rwkv.emb"] and r.pretrain.trainable == ["projector"]
+    assert (r.data.ctx_len, r.hardware.precision, r.hardware.strategy) == (1024, "bf16", "deepspeed_stage_1")  # the v6.0 scripts: ctx 1024 (issue 23)
+    # stage 1 trained with the image first, stage 2 (and chat/eval) with the model's middle
+    assert (r.pretrain.image_position, r.finetune.image_position) == ("first", None)

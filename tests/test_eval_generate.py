@@ -350,3 +350,15 @@ def test_original_eval_settings_for_scienceqa_and_the_v7_pad(tiny, tmp_path):
     plain, _, _ = _build_input(vlm, tok, shapes, q, paths, "v7", pad=0)
     padded, _, _ = _build_input(vlm, tok, shapes, q, paths, "v7", pad=16)
     assert padded == [261] * ((-len(plain)) % 16) + plain and len(padded) % 16 == 0
+
+
+def test_eval_prompt_style_defaults_to_the_models(v6_dir: Path, tiny_v6, tmp_path: Path) -> None:
+    """`vrwkv eval` without --prompt-style uses v6 for an x060 model (dir or loaded), else v7."""
+    from helpers import build_tiny_vlm
+
+    from vrwkv_core.eval.generate import default_prompt_style
+
+    assert default_prompt_style(v6_dir) == "v6" and default_prompt_style(str(v6_dir)) == "v6"
+    assert default_prompt_style(tiny_v6) == "v6"
+    assert default_prompt_style(tmp_path / "model.pth") is None  # a file: only its tensors tell
+    assert default_prompt_style(build_tiny_vlm()) == "v7"

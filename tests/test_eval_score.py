@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from vrwkv_core.errors import DataError, NotImplementedYet, VrwkvError
+from vrwkv_core.errors import DataError, VrwkvError
 from vrwkv_core.eval import Answer, get_benchmark, read_answers, write_answers
 from vrwkv_core.eval.metrics import (
     pope_metrics,

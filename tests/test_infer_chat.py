@@ -13,6 +13,7 @@ from PIL import Image
 
 from helpers import rel
 from vrwkv_core.data.conversation import encode_generation_prompt
+from vrwkv_core.eval.benchmarks import SHORT_ANSWER
 from vrwkv_core.errors import CheckpointError, DataError, VrwkvError
 from vrwkv_core.infer.chat import ChatSession, ContextLengthWarning, image_key, load_image
 from vrwkv_core.infer.generate import decode_step
@@ -215,3 +216,65 @@ def test_first_prefill_is_padded_as_v7_did(tiny_vlm, tokenizer, monkeypatch):
         assert first == [261] * n_pad + prompt
         second = calls[2]
         assert second == r1.unfed_ids + [261] + encode_generation_prompt("Sure?", tokenizer, P, n_images=0)
+
+
+def _recording_prefill(monkeypatch) -> list:
+    """Records (ids, returned logits) of every prefill ChatSession runs."""
+    import vrwkv_core.infer.chat as chat_mod
+
+    calls, original = [], chat_mod.prefill
+
+    def wrapped(vlm, ids, *args, **kwargs):
+        logits, state = original(vlm, ids, *args, **kwargs)
+        calls.append((list(ids), logits.clone()))
+        return logits, state
+
+    monkeypatch.setattr(chat_mod, "prefill", wrapped)
+    return calls
+
+def test_chat_middle_prompt_equals_eval_v6_and_one_prefill(tiny_v6, tokenizer, monkeypatch) -> None:
+    """ChatSession with image_position middle feeds eval's v6 prompt ids (split after the
+    image for the cache), and its logits equal one prefill of the whole prompt (reversal included)."""
+    from PIL import Image
+
+    from vrwkv_core.eval.questions import encode_prompt
+    from vrwkv_core.infer.chat import ChatSession
+    from vrwkv_core.infer.sampling import GenerationConfig
+
+    calls = _recording_prefill(monkeypatch)
+    chat = ChatSession(tiny_v6, tokenizer, config=GenerationConfig(max_new_tokens=3, stop_tokens=()))
+    img = Image.new("RGB", (40, 30), "red")
+    chat.add_image(img)
+    q = f"What color is it?\n{SHORT_ANSWER}"
+    chat.ask(q).run()
+    want = encode_prompt(q, tokenizer, 16, style="v6")
+    assert [t for ids, _ in calls for t in ids] == want
+    assert calls[0][0] == tokenizer.encode("User: What color is it?\n") + [65535] * 16  # split after the image
+    with torch.no_grad():
+        full, _ = tiny_v6.prefill(torch.tensor([want]), tiny_v6.image_processor.batch([img]))
+    assert torch.allclose(calls[-1][1], full, atol=1e-4)
+
+def test_chat_middle_cache_keys_on_the_text_before_the_image(tiny_v6, tokenizer) -> None:
+    """Two questions on one image with middle placement never share a cached state;
+    questions with the same text before the image do (and answer as without a cache)."""
+    from PIL import Image
+
+    from vrwkv_core.infer.chat import ChatSession
+    from vrwkv_core.infer.sampling import GenerationConfig
+
+    vlm = tiny_v6
+    cfg = GenerationConfig(max_new_tokens=4, stop_tokens=())
+    img = Image.new("RGB", (40, 30), "red")
+    cached = ChatSession(vlm, tokenizer, config=cfg)
+    fresh = ChatSession(vlm, tokenizer, config=cfg, cache_size=0)
+
+    def ask(chat, q):
+        chat.reset(keep_images=False)
+        chat.add_image(img)
+        return chat.ask(q).run().token_ids
+
+    questions = ["What color is it?", "Is it a circle?", f"What color is it?\n{SHORT_ANSWER}"]
+    answers = [ask(cached, q) for q in questions]
+    assert (cached.cache_misses, cached.cache_hits) == (2, 1)  # the third shares the first's pre-image text
+    assert answers == [ask(fresh, q) for q in questions]
+    assert answers[0] != answers[1]

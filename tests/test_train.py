@@ -226,3 +226,42 @@ def test_short_run_writes_outputs_and_learns(tiny_trained):
     assert recipe.model.vision.towers == ["tiny"]
     ckpt = torch.load(tiny_trained["finetune"] / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 6
+
+
+def test_v6_trains_through_both_stages_from_the_cli(tmp_path: Path, tokenizer) -> None:
+    """`vrwkv pretrain` + `vrwkv finetune` build, train and save an x060 model (tiny sizes):
+    stage 1 with the image first, stage 2 and the saved model with the middle placement;
+    the result loads as RWKV-6 and answers in chat."""
+    from PIL import Image
+
+    from vrwkv_cli.main import run
+    from vrwkv_core.data.shapes import prepare_shapes
+    from vrwkv_core.infer import ChatSession, GenerationConfig, load_model
+    from vrwkv_core.model.rwkv.rwkv6 import RWKV6
+
+    data = prepare_shapes(tmp_path / "shapes", n_train=24, n_eval=4, seed=2)
+    common = [
+        f"data.root={data}", "data.ctx_len=96", "data.val_fraction=0",
+        "model.rwkv.version=x060", "model.rwkv.n_layer=2", "model.rwkv.n_embd=64", "model.rwkv.head_size=32",
+        "model.vision.image_size=32", "model.vision.tiny.width=32", "model.vision.tiny.depth=1",
+        "model.tokens_per_image=16", "model.projector.type=linear", "model.image_position=middle",
+        "pretrain.image_position=first", f"pretrain.out_dir={tmp_path / 'pre'}",
+        f"finetune.out_dir={tmp_path / 'ft'}", f"finetune.init_from={tmp_path / 'pre'}",
+    ]  # fmt: skip
+    for stage in ("pretrain", "finetune"):
+        steps = [f"{stage}.max_steps=2", f"{stage}.micro_batch=4", f"{stage}.warmup_steps=0"]
+        assert run([stage, str(REPO / "recipes" / "tiny.yaml"), *common, *steps]) == 0
+    for out in (tmp_path / "pre", tmp_path / "ft"):
+        assert (out / "model.safetensors").is_file() and (out / "config.yaml").is_file()
+        rows = list(csv.DictReader(open(out / "metrics.csv")))
+        assert [r["train_loss"] for r in rows if r["train_loss"]] and all(
+            math.isfinite(float(r["train_loss"])) for r in rows if r["train_loss"]
+        )
+
+    vlm = load_model(tmp_path / "ft", device="cpu")
+    assert isinstance(vlm.rwkv, RWKV6) and vlm.config.image_position == "middle"
+    session = ChatSession(vlm, config=GenerationConfig(max_new_tokens=3))
+    session.add_image(Image.open(data / "images" / "eval_00000.png").convert("RGB"))
+    gen = session.ask("How many shapes are there?")
+    text = "".join(gen)
+    assert gen.result.n_prompt_tokens > 16 and 1 <= gen.result.n_new_tokens <= 3 and text == gen.result.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+from helpers import build_tiny_v6
 import torch
 
 from vrwkv_core.config import ModelSection, RWKVSection, TinyTowerSection, VisionSection
@@ -220,3 +221,24 @@ def test_linear_projector_model_and_processor_round_trip(tiny_image) -> None:
     feats = model.encode_images(imgs)
     assert feats.shape == (2, P, 64)
     assert not torch.allclose(feats[0], feats[1])
+
+
+def test_x060_visual_rwkv_reverses_patch_rows_and_decodes_exactly() -> None:
+    """VisualRWKV with an RWKV-6 LM (tiny tower: 16 tokens = 15 reversed rows + the last):
+    forward = the LM with the reversal; prefill through the image then RNN steps = forward."""
+    from vrwkv_core.tokenizer import IMAGE_TOKEN_ID
+
+    model = build_tiny_v6()
+    ids = torch.tensor([[5, 6, 7] + [IMAGE_TOKEN_ID] * 16 + [8, 9, 10, 11, 12]])
+    images = {"tiny": torch.randn(1, 3, 32, 32)}
+    with torch.no_grad():
+        full, _ = model(ids, images)
+        embeds = model.embed(ids, images)
+        want, _ = model.rwkv(embeds=embeds, reverse_spans=[(3, 18)])
+        plain, _ = model.rwkv(embeds=embeds)
+        assert torch.allclose(full, want, atol=1e-5) and not torch.allclose(full, plain, atol=1e-3)
+        logits, state = model.prefill(ids[:, :21], images)  # text, image, two text tokens
+        assert torch.allclose(logits, full[:, 20], atol=1e-4)
+        for t in range(21, ids.shape[1]):
+            out, state = model.rwkv(ids[:, t : t + 1], state=state)
+            assert torch.allclose(out[:, 0], full[:, t], atol=1e-4)
