@@ -147,7 +147,7 @@ RANGES = [
     ("pretrain.weight_decay=-0.1", "pretrain.weight_decay", ">= 0"), ("pretrain.lr_final=-1", "pretrain.lr_final", ">= 0"),
     ("pretrain.lr_final=1", "pretrain.lr_final", "<= pretrain.lr_init"), ("pretrain.out_dir=''", "pretrain.out_dir", "empty"),
     ("model.vision.image_size=0", "model.vision.image_size", ">= 1"), ("data.val_fraction=1", "data.val_fraction", "[0, 1)"),
-    ("pretrain.logit_l2=-1", "pretrain.logit_l2", ">= 0"), ("model.vision.tiny.patch_size=0", "model.vision.tiny.patch_size", ">= 1"),
+    ("pretrain.l2wrap=-1", "pretrain.l2wrap", ">= 0"), ("model.vision.tiny.patch_size=0", "model.vision.tiny.patch_size", ">= 1"),
     ("hardware.ds_bucket_mb=0", "hardware.ds_bucket_mb", ">= 1"), ("model.rwkv.dim_ffn=0", "model.rwkv.dim_ffn", ">= 1"),
     ("pretrain.seed=-1", "pretrain.seed", "[0, 4294967295]"), ("model.rwkv.head_size=0", "model.rwkv.head_size", ">= 1"),
     ("pretrain.max_bad_steps=0", "pretrain.max_bad_steps", ">= 1"), ("hardware.devices=0", "hardware.devices", ">= 1"),

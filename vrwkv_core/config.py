@@ -534,6 +534,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         recipe: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise _friendly(err, source) from None
+    except TypeError as err:  # OmegaConf: a mapping where the schema has a list, or the reverse
+        raise RecipeError(f"{source}: {str(err).splitlines()[0]} (a mapping where the schema has a list, or the "
+                          "reverse)", hint="see the recipe reference in README.md") from None
     _validate(recipe, source)
     return recipe
 
