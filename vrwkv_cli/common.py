@@ -15,6 +15,13 @@ WkvBackendOpt = Annotated[Optional[str], typer.Option(
     "--wkv-backend", help="WKV kernel: auto, chunked, cuda or reference (the slow loop); default: the model's "
                           "model.rwkv.wkv_backend.")]  # fmt: skip
 
+AdapterOpt = Annotated[Optional[str], typer.Option(
+    "--adapter", help="A peft run dir (LoRA/PiSSA/MiSS or state tuning) trained on --model; applied without merging.")]
+StateOpt = Annotated[Optional[str], typer.Option(
+    "--state", help="A state file (a state-tuning run's state.safetensors): every prompt starts from it.")]
+MergeAdapterOpt = Annotated[bool, typer.Option(
+    "--merge-adapter", help="Fold --adapter into the weights in memory (faster decoding, same answers).")]
+
 console = Console()
 err_console = Console(stderr=True)
 

@@ -258,12 +258,17 @@ def run_eval(
     download: bool = False,
     wkv_backend: str | None = None,
     progress: Progress | None = None,
+    adapter: str | Path | None = None,
+    state: str | Path | None = None,
+    merge_adapter: bool = False,
 ) -> EvalReport:
     """Answers the benchmark's questions not yet answered in `out`, then merges and scores
     (unless this is a shard and others are unfinished). `model`: a --model spec (dir,
     .pth, registry name) or a loaded VisualRWKV. `prompt_style` None: the model's own
-    (`default_prompt_style`)."""
+    (`default_prompt_style`). `adapter`, `state`, `merge_adapter`: as `load_model`'s."""
     bench = get_benchmark(benchmark)
+    load_kw = {"download": download, "wkv_backend": wkv_backend, "adapter": adapter, "state": state,
+               "merge_adapter": merge_adapter}  # fmt: skip
     if prompt_style is not None and prompt_style not in PROMPT_STYLES:
         raise VrwkvError(f"unknown prompt style {prompt_style!r}", hint="use v7 or v6")
     if batch_size < 1:
@@ -283,10 +288,12 @@ def run_eval(
     if prompt_style is None:
         prompt_style = default_prompt_style(model)
         if prompt_style is None:  # a checkpoint file or a registry name: its tensors tell
-            vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend)
+            vlm = load_model(model, device=device, dtype=dtype, **load_kw)
             prompt_style = default_prompt_style(vlm)
-    _check_run_record(out, {"benchmark": bench.name, "data_root": str(paths.root.resolve()), "model": str(model),
-                            "model_id": model_id, "prompt_style": prompt_style, "max_new_tokens": max_new_tokens})  # fmt: skip
+    record = {"benchmark": bench.name, "data_root": str(paths.root.resolve()), "model": str(model),
+              "model_id": model_id, "prompt_style": prompt_style, "max_new_tokens": max_new_tokens}
+    record.update({k: str(v) for k, v in (("adapter", adapter), ("state", state)) if v is not None})
+    _check_run_record(out, record)
     target = answers_path(out, shard)
     if shard is not None:
         _done_marker(out, shard).unlink(missing_ok=True)
@@ -305,7 +312,7 @@ def run_eval(
 
     if todo:
         if vlm is None:
-            vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend)
+            vlm = load_model(model, device=device, dtype=dtype, **load_kw)
         _generate(vlm, bench, todo, paths, target, model_id, prompt_style, max_new_tokens, batch_size, report,
                   progress, len(absent))  # fmt: skip
 
