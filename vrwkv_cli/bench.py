@@ -107,3 +107,29 @@ def serve(
     rows = run_serve_bench(threads=threads, n_layer=layers, n_embd=embd, vocab_size=vocab, clients=ks,
                            decode_tokens=decode_tokens, conversation=conversation, device=device)  # fmt: skip
     print_rows(rows, f"serve engine L{layers} D{embd} random weights", as_json)
+
+
+@app.command()
+def train(
+    n_layer: Annotated[int, typer.Option(help="LM blocks (0.1B: 12).")] = 12,
+    n_embd: Annotated[int, typer.Option(help="LM width (0.1B: 768).")] = 768,
+    vocab: Annotated[int, typer.Option(help="Vocabulary size (World: 65536).")] = 65536,
+    length: Annotated[int, typer.Option("--length", "-T", help="Tokens per sample.")] = 512,
+    batch: Annotated[int, typer.Option("--batch", "-B", help="Samples per step.")] = 1,
+    steps: Annotated[int, typer.Option(help="Timed steps per method (after one warm-up step).")] = 2,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 64,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 128.0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    threads: ThreadsOpt = 2,
+    as_json: JsonOpt = False,
+) -> None:
+    """Full finetune vs LoRA vs state tuning of the LM alone: trainable parameters, peak memory, step time.
+
+    Example: vrwkv bench train   (tiny: vrwkv bench train --n-layer 2 --n-embd 128 --vocab 1000 -T 32)
+    """
+    from vrwkv_cli.common import print_rows
+    from vrwkv_core.bench.train import run_train_bench
+
+    rows = run_train_bench(n_layer=n_layer, n_embd=n_embd, vocab=vocab, T=length, batch=batch, steps=steps,
+                           rank=rank, alpha=alpha, threads=threads, device=device)  # fmt: skip
+    print_rows(rows, f"training step, RWKV-7 L{n_layer} D{n_embd} V{vocab}, B={batch} T={length}, LoRA r{rank}", as_json)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
-from vrwkv_cli.common import PrefillPadOpt, WkvBackendOpt
+from vrwkv_cli.common import AdapterOpt, MergeAdapterOpt, PrefillPadOpt, StateOpt, WkvBackendOpt
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -56,6 +56,9 @@ def chat(
     download: Annotated[bool, typer.Option("--download", help="Fetch a registry model if it is not on disk.")] = False,
     wkv_backend: WkvBackendOpt = None,
     prefill_pad: PrefillPadOpt = True,
+    adapter: AdapterOpt = None,
+    state: StateOpt = None,
+    merge_adapter: MergeAdapterOpt = False,
 ) -> None:
     """Chat about an image (interactive), or answer one --prompt and exit.
 
@@ -92,7 +95,8 @@ def chat(
             _print_error(err_console, err)
     t0 = time.perf_counter()
     with err_console.status(f"loading {escape(model)}", spinner="dots") if not one_shot else _nothing():
-        vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend)
+        vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend,
+                         adapter=adapter, state=state, merge_adapter=merge_adapter)
     load_s = time.perf_counter() - t0
     session = ChatSession(vlm, config=config, ctx_len=context_length(model), prefill_pad=prefill_pad)
     for im in images:

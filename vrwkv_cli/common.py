@@ -18,6 +18,12 @@ WkvBackendOpt = Annotated[Optional[str], typer.Option(
 PrefillPadOpt = Annotated[bool, typer.Option(
     "--prefill-pad/--no-prefill-pad", help="Pad the first prompt of a conversation as the model's release did "
                                             "(v7.00: token 261 to a multiple of 16).")]  # fmt: skip
+AdapterOpt = Annotated[Optional[str], typer.Option(
+    "--adapter", help="A peft run dir (LoRA/PiSSA/MiSS or state tuning) trained on --model; applied without merging.")]
+StateOpt = Annotated[Optional[str], typer.Option(
+    "--state", help="A state file (a state-tuning run's state.safetensors): every prompt starts from it.")]
+MergeAdapterOpt = Annotated[bool, typer.Option(
+    "--merge-adapter", help="Fold --adapter into the weights in memory (faster decoding, same answers).")]
 
 console = Console()
 err_console = Console(stderr=True)

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from vrwkv_cli.common import PrefillPadOpt, WkvBackendOpt
+from vrwkv_cli.common import AdapterOpt, MergeAdapterOpt, PrefillPadOpt, StateOpt, WkvBackendOpt
 
 # No help= here: the callback's docstring (with its example) is the group's help.
 app = typer.Typer(no_args_is_help=False, add_completion=False)
@@ -52,6 +52,9 @@ def generate(
     json_output: Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object on the last line.")] = False,
     wkv_backend: WkvBackendOpt = None,
     prefill_pad: PrefillPadOpt = True,
+    adapter: AdapterOpt = None,
+    state: StateOpt = None,
+    merge_adapter: MergeAdapterOpt = False,
 ) -> None:
     """Generate benchmark answers and score them; `vrwkv eval score` scores an answer file.
 
@@ -73,7 +76,7 @@ def generate(
     report = run_eval(model, benchmark, data_root, out, limit=limit, shard=parse_shard(shard), batch_size=batch_size,
                       device=device, dtype=dtype, prompt_style=style, max_new_tokens=max_new_tokens,
                       download=download, wkv_backend=wkv_backend, prefill_pad=prefill_pad,
-                      progress=RichProgress())  # fmt: skip
+                      progress=RichProgress(), adapter=adapter, state=state, merge_adapter=merge_adapter)  # fmt: skip
     _print_report(report, json_output)
 
 

@@ -2,11 +2,12 @@
 
     vrwkv export out/tiny/finetune --out tiny.pth                    # released VisualRWKV layout, fp16
     vrwkv export out/1b5/finetune --out lm.pth --lm-only --dtype bf16  # the LM as an RWKV-LM .pth
+    vrwkv export out/tiny/finetune-lora --merge --out out/tiny/merged  # a peft run -> an ordinary model dir
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -27,6 +28,16 @@ def export(
         typer.Option("--dtype", help="fp16 (as released, half the size of fp32), bf16, or fp32 (exact copy of a "
                      "float32 model)."),
     ] = "fp16",
+    merge: Annotated[
+        bool,
+        typer.Option("--merge", help="MODEL_DIR is a peft run: fold its LoRA/PiSSA/MiSS adapters into the base "
+                     "weights and write an ordinary model dir to --out (a state-tuning run: the model dir plus "
+                     "state.safetensors)."),
+    ] = False,
+    base: Annotated[
+        Optional[str],
+        typer.Option("--base", help="With --merge: the run's base model, if it moved (checked by sha256)."),
+    ] = None,
 ) -> None:
     """Write a model dir as a released VisualRWKV .pth (or, with --lm-only, an RWKV .pth).
 
@@ -35,6 +46,14 @@ def export(
     if dtype not in ("fp32", "fp16", "bf16"):
         raise typer.BadParameter(f"{dtype!r} is not one of fp32, fp16, bf16", param_hint="--dtype")
     from vrwkv_cli.common import console
+
+    if merge:
+        from vrwkv_core.checkpoint.adapters import export_merged
+
+        info = export_merged(model_dir, out, base=base)
+        extra = f" and {info['state']}" if info["state"] else ""
+        console.print(f"wrote {info['path']} (the {info['method']} run merged into its base){extra}")
+        return
     from vrwkv_core.checkpoint import export_pth
 
     info = export_pth(model_dir, out, dtype=dtype, lm_only=lm_only)

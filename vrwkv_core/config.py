@@ -144,6 +144,30 @@ class DataSection:
     """Prepare the synthetic shapes data in `root` when it is missing."""
 
 
+PEFT_METHODS = ("lora", "miss", "state")  # vrwkv_core.checkpoint.adapters
+PEFT_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
+
+
+@dataclass
+class PeftSection:
+    """Parameter-efficient finetuning of the LM (LoRA / PiSSA / MiSS through `peft`, or RWKV state tuning)."""
+
+    method: Optional[str] = None
+    """null (train the LM fully, as `trainable` says), lora, miss, or state (a learned initial WKV state)."""
+    r: int = 64
+    """Adapter rank (lora, miss)."""
+    alpha: float = 128.0
+    """LoRA scale numerator: the update is alpha / r * B A (lora)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (lora, miss)."""
+    init: str = "default"
+    """default, or pissa (lora only: A, B start as the weight's principal singular vectors)."""
+    targets: list[str] = field(default_factory=lambda: list(PEFT_TARGETS))
+    """LM layers that get adapters: att.receptance, att.key, att.value, att.output, ffn.key, ffn.value."""
+    state_lr: float = 1.0
+    """Learning rate of the initial state (state; RWKV-PEFT uses about 1.0), on the stage's schedule."""
+
+
 @dataclass
 class StageSection:
     """One training stage (pretrain or finetune)."""
@@ -192,6 +216,8 @@ class StageSection:
     """Image placement in this stage's training samples; null uses model.image_position (v6.0 stage 1: `first`)."""
     max_bad_steps: int = 10
     """Stop after this many steps in a row with a non-finite loss or gradients (each is skipped, not applied)."""
+    peft: PeftSection = field(default_factory=PeftSection)
+    """Adapters or state tuning instead of training the LM's weights (see README, "Finetune with LoRA")."""
 
 
 @dataclass
@@ -380,6 +406,7 @@ def _validate(recipe: Recipe, source: str) -> None:
             raise bad(f"{stage}.loss_mean", f"{st.loss_mean!r} is not one of {', '.join(_LOSS_MEANS)}")
         if not 0 <= st.frozen_layers <= rw.n_layer:
             raise bad(f"{stage}.frozen_layers", f"must be in [0, n_layer={rw.n_layer}]")
+        _validate_peft(st.peft, f"{stage}.peft", bad)
     for stage in ("pretrain", "finetune"):
         _derive_grad_accum(recipe, stage, bad)
 
@@ -437,6 +464,32 @@ def check_expansion(data: Any, source: str, limit: int = MAX_RECIPE_NODES) -> No
     if size(data) > limit:
         raise RecipeError(f"{source}: the YAML expands to more than {limit:,} values (aliases repeated too often)",
                           hint="a recipe is a small mapping; remove the repeated aliases")
+
+
+def _validate_peft(pf: PeftSection, key: str, bad: Any) -> None:
+    """The `peft` section of a stage: a known method and targets, sensible sizes."""
+    if pf.method is None:
+        return
+    if pf.method not in PEFT_METHODS:
+        raise bad(f"{key}.method", f"{pf.method!r} is not one of {', '.join(PEFT_METHODS)} (or null)")
+    if pf.init not in ("default", "pissa"):
+        raise bad(f"{key}.init", f"{pf.init!r} is not one of default, pissa")
+    if pf.init == "pissa" and pf.method != "lora":
+        raise bad(f"{key}.init", f"pissa is a LoRA initialisation; method {pf.method} takes init: default")
+    if pf.method == "state":
+        if not pf.state_lr > 0:
+            raise bad(f"{key}.state_lr", "must be positive")
+        return
+    for sub, value in (("r", pf.r), ("alpha", pf.alpha)):
+        if not value > 0:
+            raise bad(f"{key}.{sub}", "must be positive")
+    if not 0.0 <= pf.dropout < 1.0:
+        raise bad(f"{key}.dropout", "must be in [0, 1)")
+    if not pf.targets:
+        raise bad(f"{key}.targets", f"needs at least one layer: {', '.join(PEFT_TARGETS)}")
+    for target in pf.targets:
+        if target not in PEFT_TARGETS:
+            raise bad(f"{key}.targets", f"unknown layer {target!r}; choose from {', '.join(PEFT_TARGETS)}")
 
 
 def _get(obj: Any, dotted: str) -> Any:

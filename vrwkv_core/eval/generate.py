@@ -268,13 +268,19 @@ def run_eval(
     wkv_backend: str | None = None,
     prefill_pad: bool = True,
     progress: Progress | None = None,
+    adapter: str | Path | None = None,
+    state: str | Path | None = None,
+    merge_adapter: bool = False,
 ) -> EvalReport:
     """Answers the benchmark's questions not yet answered in `out`, then merges and scores
     (unless this is a shard and others are unfinished). `model`: a --model spec (dir,
     .pth, registry name) or a loaded VisualRWKV. `prompt_style` None: the model's own
     (`default_prompt_style`). `prefill_pad`: pad each prompt as the model's release did
-    (`Family.prefill_pad`; v7.00: to a multiple of 16 with token 261)."""
+    (`Family.prefill_pad`; v7.00: to a multiple of 16 with token 261). `adapter`, `state`,
+    `merge_adapter`: as `load_model`'s."""
     bench = get_benchmark(benchmark)
+    load_kw = {"download": download, "wkv_backend": wkv_backend, "adapter": adapter, "state": state,
+               "merge_adapter": merge_adapter}  # fmt: skip
     if prompt_style is not None and prompt_style not in PROMPT_STYLES:
         raise VrwkvError(f"unknown prompt style {prompt_style!r}", hint="use v7, v6 or llava")
     if batch_size < 1:
@@ -296,11 +302,13 @@ def run_eval(
     if prompt_style is None:
         prompt_style = default_prompt_style(model)
         if prompt_style is None:  # a checkpoint file or a registry name: its tensors tell
-            vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend)
+            vlm = load_model(model, device=device, dtype=dtype, **load_kw)
             prompt_style = default_prompt_style(vlm)
-    _check_run_record(out, {"benchmark": bench.name, "data_root": str(paths.root.resolve()), "model": str(model),
-                            "model_id": model_id, "prompt_style": prompt_style, "max_new_tokens": max_new_tokens,
-                            "prefill_pad": prefill_pad})  # fmt: skip
+    record = {"benchmark": bench.name, "data_root": str(paths.root.resolve()), "model": str(model),
+              "model_id": model_id, "prompt_style": prompt_style, "max_new_tokens": max_new_tokens,
+              "prefill_pad": prefill_pad}
+    record.update({k: str(v) for k, v in (("adapter", adapter), ("state", state)) if v is not None})
+    _check_run_record(out, record)
     target = answers_path(out, shard)
     if shard is not None:
         _done_marker(out, shard).unlink(missing_ok=True)
@@ -326,7 +334,7 @@ def run_eval(
 
     if todo:
         if vlm is None:
-            vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend)
+            vlm = load_model(model, device=device, dtype=dtype, **load_kw)
         pad = vlm.family.prefill_pad if prefill_pad and hasattr(vlm, "family") else 0
         _generate(vlm, bench, todo, paths, target, model_id, prompt_style, max_new_tokens, batch_size, report,
                   progress, len(absent), pad)  # fmt: skip

@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from vrwkv_core.checkpoint import load_visual_rwkv
+from vrwkv_core.checkpoint.adapters import apply_adapter
 from vrwkv_core.errors import CheckpointError, VrwkvError
 from vrwkv_core.hub import resolve
+from vrwkv_core.model.rwkv.state import RWKVState
 
 if TYPE_CHECKING:
     from vrwkv_core.model.visual_rwkv import VisualRWKV
@@ -62,9 +64,16 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     download: bool = False,
     wkv_backend: str | None = None,
+    adapter: str | Path | None = None,
+    state: str | Path | None = None,
+    merge_adapter: bool = False,
 ) -> VisualRWKV:
     """A ready-to-run VisualRWKV (eval mode) for a dir, a checkpoint file or a registry name;
-    `wkv_backend` overrides the model's `model.rwkv.wkv_backend` (None keeps it)."""
+    `wkv_backend` overrides the model's `model.rwkv.wkv_backend` (None keeps it).
+
+    `adapter`: a peft run dir trained on this model (checked by sha256), applied without
+    merging unless `merge_adapter`; `state`: a state file (`state.safetensors`) that every
+    prompt starts from."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = Path(str(spec)).expanduser()
@@ -74,6 +83,12 @@ def load_model(
             raise CheckpointError(f"{spec}: no such model directory or file",
                                   hint="pass an output dir (config.yaml + model.safetensors), a .pth, or a registry name")  # fmt: skip
     vlm = load_visual_rwkv(path, device=dev, dtype=dt).eval()
+    if adapter is not None:
+        apply_adapter(vlm, adapter, base=path, merge=merge_adapter)
+    elif merge_adapter:
+        raise VrwkvError("--merge-adapter needs --adapter")
+    if state is not None:
+        _use_state(vlm, Path(state))
     if wkv_backend is not None:
         try:
             vlm.rwkv.use_wkv_backend(wkv_backend)
@@ -82,6 +97,16 @@ def load_model(
     if dev.type == "cpu":
         vlm.rwkv.optimize_for_inference()
     return vlm
+
+
+def _use_state(vlm: VisualRWKV, path: Path) -> None:
+    """Prompts start from the state file at `path` (a state-tuning run's `state.safetensors`)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such state file", hint="a state-tuning run writes OUT_DIR/state.safetensors")
+    try:
+        vlm.rwkv.set_initial_state(RWKVState.load(path, device=vlm.device))
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
 
 
 def context_length(spec: str | Path) -> int | None:

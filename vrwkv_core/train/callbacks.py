@@ -218,7 +218,10 @@ class StageMonitor(pl.Callback):
         self.save_resumable(trainer)
         model = _model_for_saving(trainer, module)  # a collective under ZeRO-3
         if trainer.is_global_zero:
-            save_pretrained(model, self.out_dir, module.recipe)
+            if getattr(module, "peft", None) is not None:  # adapters / learned state only
+                module.peft.save(model, self.out_dir, module.recipe)
+            else:
+                save_pretrained(model, self.out_dir, module.recipe)
             elapsed = time.perf_counter() - started
             notes = []
             if module.skipped_samples:

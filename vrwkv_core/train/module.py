@@ -28,6 +28,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from vrwkv_core.train.peft import setup_peft
+
 if TYPE_CHECKING:
     from vrwkv_core.config import HardwareSection, Recipe, StageSection
     from vrwkv_core.model.visual_rwkv import VisualRWKV
@@ -155,6 +157,8 @@ class StageModule(pl.LightningModule):
         self.stage_name = stage
         self.stage: StageSection = getattr(recipe, stage)
         apply_trainable(model, self.stage)
+        self.peft = setup_peft(model, recipe, stage)  # adapters or a learned state; None: plain training
+        self.strict_loading = self.peft is None  # a peft last.ckpt holds the trainable tensors only
         model.rwkv.grad_checkpoint = recipe.hardware.grad_checkpoint
         self.tokens_seen = 0
         self.skipped_samples = 0
@@ -210,6 +214,14 @@ class StageModule(pl.LightningModule):
         with open(folder / f"rank{self.global_rank}.txt", "a", encoding="utf-8") as f:
             f.write(f"{self.global_step + 1}\t{float(loss.detach())!r}\t{ids}\n")
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.peft is not None:
+            self.peft.filter_checkpoint(checkpoint, self)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.peft is not None:
+            self.peft.check_checkpoint(checkpoint, self)
+
     def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
         if batch is None:
             return
@@ -225,6 +237,8 @@ class StageModule(pl.LightningModule):
             (decay if p.ndim >= 2 and not name.endswith("emb.weight") else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": self.stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
+        if self.peft is not None:
+            groups = self.peft.param_groups(groups, self.model)
         optimizer, self.optimizer_name = build_optimizer(groups, self.stage, self.recipe.hardware)
         base = self.stage.lr_init
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, self.stage) / base)

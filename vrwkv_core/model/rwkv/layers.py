@@ -65,7 +65,9 @@ def packed_ok(pk: tuple[torch.Tensor, int, int] | None, w: torch.Tensor, x: torc
 
 def linear(m: Linear, x: torch.Tensor) -> torch.Tensor:
     """m(x) without nn.Module call overhead; through m's packed bf16 copy where valid."""
-    w = m._parameters["weight"]
+    w = m._parameters.get("weight")
+    if w is None:  # wrapped by a `peft` adapter layer: its forward adds the adapter to the base layer's
+        return m(x)
     if packed_ok(m._packed, w, x):
         return torch.ops.mkldnn._linear_pointwise(x, m._packed[0], None, "none", [], "")
     return F.linear(x, w)
@@ -112,6 +114,7 @@ class RWKVLanguageModel(nn.Module):
         self.n_layer, self.n_embd, self.head_size = cfg.n_layer, cfg.n_embd, cfg.head_size
         self.vocab_size, self.dim_ffn = cfg.vocab_size, dim_ffn
         self.grad_checkpoint = False
+        self.register_parameter("state_wkv", None)  # the learned initial WKV state [L,H,N,N] (state tuning)
         with torch.device("meta"):
             # An explicit weight skips nn.Embedding's normal_ init: normal_ on the meta device
             # imports torch._dynamo, ~1 s added to every model build.
@@ -195,6 +198,48 @@ class RWKVLanguageModel(nn.Module):
         from vrwkv_core.checkpoint.ours import save_lm  # the one way into checkpoint/
 
         save_lm(self, path)
+
+    def enable_state_tuning(self) -> nn.Parameter:
+        """Adds a trainable initial WKV state [L, H, N, N] (float32, zeros: the model is unchanged
+        until it trains); forwards without a `state` start from it. Returns the parameter."""
+        H = self.n_embd // self.head_size
+        p = next(self.parameters())
+        zeros = torch.zeros(self.n_layer, H, self.head_size, self.head_size, device=p.device, dtype=torch.float32)
+        self.state_wkv = nn.Parameter(zeros)
+        return self.state_wkv
+
+    def set_initial_state(self, state: RWKVState | None) -> None:
+        """Forwards without a `state` start from `state` (batch 1: a state-tuning file) instead of
+        zeros; None goes back to zeros. Only the WKV part is used: a learned state has no shifts."""
+        if state is None:
+            self.state_wkv = None
+            return
+        H, N = self.n_embd // self.head_size, self.head_size
+        if state.n_layer != self.n_layer or tuple(state.wkv[0].shape) != (1, H, N, N):
+            raise ValueError(f"the state has {state.n_layer} layers of WKV shape {tuple(state.wkv[0].shape)}; "
+                             f"this model needs {self.n_layer} layers of (1, {H}, {N}, {N})")  # fmt: skip
+        if any(bool(t.any()) for t in (*state.att_shift, *state.ffn_shift)):
+            raise ValueError("the state has non-zero token shifts: it is a conversation's state, not an initial one")
+        wkv = torch.cat(state.wkv).to(device=self.emb.weight.device, dtype=torch.float32)
+        self.state_wkv = nn.Parameter(wkv, requires_grad=False)
+
+    def initial_state(self) -> RWKVState | None:
+        """The learned initial state (batch 1, zero shifts) as an RWKVState; None without one."""
+        if self.state_wkv is None:
+            return None
+        st = RWKVState.zeros(self, 1)
+        st.wkv = [w.detach().unsqueeze(0).clone() for w in self.state_wkv]
+        return st
+
+    def _start(self, state: Any, x: torch.Tensor) -> Any:
+        """The state a forward starts from: the caller's, else the learned initial state
+        (expanded to the batch, differentiable), else None (zeros)."""
+        if state is not None or self.state_wkv is None:
+            return state
+        B = x.shape[0]
+        shifts = [torch.zeros(B, self.n_embd, device=x.device, dtype=x.dtype) for _ in range(self.n_layer)]
+        wkv = [w.unsqueeze(0).expand(B, -1, -1, -1) for w in self.state_wkv.unbind(0)]
+        return RWKVState(shifts, wkv, list(shifts))
 
     def zero_state(self, batch: int = 1) -> Any:
         """An all-zero state on the model's device (same as passing state=None)."""

@@ -350,6 +350,7 @@ class RWKV6(RWKVLanguageModel):
         sample, see `reversal_order`) turns on the odd-layer reversal of those rows.
         """
         x = self._input(idx, embeds, state, logits)
+        state = self._start(state, x)  # the learned initial state, if any
         backend = backend or self.cfg.wkv_backend
         B, T = x.shape[:2]
         order = reversal_order(reverse_spans, B, T, x.device) if reverse_spans is not None else None

@@ -356,6 +356,7 @@ class RWKV7(RWKVLanguageModel):
         kernel (None: `cfg.wkv_backend`, the recipe's `model.rwkv.wkv_backend`).
         """
         x = self._input(idx, embeds, state, logits)
+        state = self._start(state, x)  # the learned initial state, if any
         backend = backend or self.cfg.wkv_backend
         one = x.shape[1] == 1  # single token: the step path on [B, C]
         ckpt = self._checkpointing(one)

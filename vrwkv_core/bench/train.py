@@ -1,0 +1,141 @@
+"""`vrwkv bench train`: what one training step costs with full finetuning, LoRA and state tuning.
+
+For the LM alone (no towers; RWKV-7 0.1B shape by default: L12 D768, vocab 65536, random
+weights), each method trains `steps` AdamW steps on random ids [batch, T] (next-token loss
+over every position, as a finetune sample would) after one warm-up step, and reports:
+trainable parameters (and their share of the LM's), peak memory (CUDA: the allocator's
+peak; CPU: the process's peak RSS above what it held before building the model, each method
+in a fresh process so peaks do not mask each other), and the median step time.
+
+- full: every LM weight but the embedding trains (the released finetune freezes rwkv.emb);
+- lora: rank `rank` adapters through `peft` on `targets` (default: all six matrices), the rest frozen;
+- lora-att: the same on the time mix's four matrices only;
+- state: the learned initial WKV state [L, H, N, N] only.
+
+    python -c "from vrwkv_core.bench.train import run_train_bench; print(run_train_bench(n_layer=2, n_embd=128, vocab=1000, T=32))"
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vrwkv_core.checkpoint.adapters import inject
+from vrwkv_core.config import PEFT_TARGETS, PeftSection, RWKVSection
+from vrwkv_core.model.rwkv.rwkv7 import RWKV7
+
+METHODS = ("full", "lora", "lora-att", "state")
+ATT_TARGETS = [t for t in PEFT_TARGETS if t.startswith("att.")]
+
+
+def _rss_bytes() -> int:
+    """The current resident set size (Linux /proc), 0 where unknown."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _setup(lm: RWKV7, method: str, rank: int, alpha: float) -> None:
+    """Freezes what the method freezes and adds its adapters or learned state."""
+    if method == "full":
+        lm.emb.requires_grad_(False)
+        return
+    lm.requires_grad_(False)
+    if method == "state":
+        lm.enable_state_tuning()
+        return
+    targets = list(PEFT_TARGETS) if method == "lora" else ATT_TARGETS
+    inject(lm, PeftSection(method="lora", r=rank, alpha=alpha, targets=targets))
+
+
+def measure(method: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """One method's row (runs in this process; see `run_train_bench` for fresh processes)."""
+    importlib.import_module("peft")  # before the baseline: its import (transformers) is not training memory
+    torch.manual_seed(0)
+    torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = _rss_bytes()
+    section = RWKVSection(n_layer=cfg["n_layer"], n_embd=cfg["n_embd"], vocab_size=cfg["vocab"],
+                          head_size=cfg["head_size"], wkv_backend="auto")  # fmt: skip
+    with torch.device(device):
+        lm = RWKV7(section)
+        total = sum(p.numel() for p in lm.parameters())
+        _setup(lm, method, cfg["rank"], cfg["alpha"])
+    lm.train()
+    params = [p for p in lm.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type in ("cpu", "cuda"))
+    ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["T"] + 1), device=device)
+    times = []
+    for step in range(cfg["steps"] + 1):  # step 0 warms up (allocations, kernel builds)
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        logits, _ = lm(ids[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(device)
+        if step:
+            times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes()) - before
+    return {"method": method, "trainable": trainable, "lm_params": total, "trainable_pct": round(100 * trainable / total, 3),
+            "peak_mib": round(peak / 2**20, 1), "step_s": round(statistics.median(times), 4)}  # fmt: skip
+
+
+def _child(method: str, cfg: dict[str, Any], queue: Any) -> None:
+    try:
+        queue.put(measure(method, cfg))
+    except BaseException as err:  # reported by the parent as one line
+        queue.put({"method": method, "error": f"{type(err).__name__}: {err}"})
+
+
+def run_train_bench(
+    n_layer: int = 12, n_embd: int = 768, vocab: int = 65536, head_size: int = 64, T: int = 512, batch: int = 1,
+    steps: int = 2, rank: int = 64, alpha: float = 128.0, threads: int = 2, device: str = "auto",
+    methods: tuple[str, ...] = METHODS,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Rows {method, trainable, lm_params, trainable_pct, peak_mib, step_s, mem_vs_full}, one per method."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = {"n_layer": n_layer, "n_embd": n_embd, "vocab": vocab, "head_size": head_size, "T": T, "batch": batch,
+           "steps": steps, "rank": rank, "alpha": alpha, "threads": threads, "device": device}  # fmt: skip
+    rows = []
+    ctx = mp.get_context("spawn")
+    for method in methods:
+        if device.startswith("cuda"):
+            rows.append(measure(method, cfg))  # the allocator's peak resets per method
+            continue
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_child, args=(method, cfg, queue))
+        proc.start()
+        row = queue.get()
+        proc.join()
+        if "error" in row:
+            raise RuntimeError(f"bench train {method}: {row['error']}")
+        rows.append(row)
+    full = next((r for r in rows if r["method"] == "full"), None)
+    for r in rows:
+        r["mem_vs_full"] = round(r["peak_mib"] / full["peak_mib"], 3) if full and full["peak_mib"] > 0 else None
+    return rows
