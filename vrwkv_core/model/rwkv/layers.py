@@ -64,8 +64,11 @@ def packed_ok(pk: tuple[torch.Tensor, int, int] | None, w: torch.Tensor, x: torc
 
 
 def linear(m: Linear, x: torch.Tensor) -> torch.Tensor:
-    """m(x) without nn.Module call overhead; through m's packed bf16 copy where valid."""
-    w = m._parameters["weight"]
+    """m(x) without nn.Module call overhead; through m's packed bf16 copy where valid, or
+    through m's own forward for a layer without a `weight` (a quantized one)."""
+    w = m._parameters.get("weight")
+    if w is None:
+        return m.forward(x)
     if packed_ok(m._packed, w, x):
         return torch.ops.mkldnn._linear_pointwise(x, m._packed[0], None, "none", [], "")
     return F.linear(x, w)
