@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from vrwkv_cli.common import QuantOpt
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure speed side by side (ratios in one run).")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON line instead of a table.")]
@@ -67,7 +69,7 @@ def lm(
 
 
 @app.command()
-def generate(threads: ThreadsOpt = 2, as_json: JsonOpt = False) -> None:
+def generate(threads: ThreadsOpt = 2, as_json: JsonOpt = False, quant: QuantOpt = None) -> None:
     """RNN-mode generation vs re-encoding the sequence per token; image-state cache.
 
     Example: vrwkv bench generate
@@ -75,5 +77,5 @@ def generate(threads: ThreadsOpt = 2, as_json: JsonOpt = False) -> None:
     from vrwkv_cli.common import print_rows
     from vrwkv_core.bench.generate import run_generate_bench
 
-    rows = run_generate_bench(threads=threads)
+    rows = run_generate_bench(threads=threads, quant=quant)
     print_rows(rows, "generation", as_json)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
-from vrwkv_cli.common import WkvBackendOpt
+from vrwkv_cli.common import QuantOpt, WkvBackendOpt
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -55,6 +55,7 @@ def chat(
     as_json: Annotated[bool, typer.Option("--json", help="With --prompt: one JSON line with answer and timings.")] = False,
     download: Annotated[bool, typer.Option("--download", help="Fetch a registry model if it is not on disk.")] = False,
     wkv_backend: WkvBackendOpt = None,
+    quant: QuantOpt = None,
 ) -> None:
     """Chat about an image (interactive), or answer one --prompt and exit.
 
@@ -91,7 +92,8 @@ def chat(
             _print_error(err_console, err)
     t0 = time.perf_counter()
     with err_console.status(f"loading {escape(model)}", spinner="dots") if not one_shot else _nothing():
-        vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend)
+        vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend,
+                         quant=quant)
     load_s = time.perf_counter() - t0
     session = ChatSession(vlm, config=config, ctx_len=context_length(model))
     for im in images:

@@ -15,6 +15,10 @@ WkvBackendOpt = Annotated[Optional[str], typer.Option(
     "--wkv-backend", help="WKV kernel: auto, chunked, cuda or reference (the slow loop); default: the model's "
                           "model.rwkv.wkv_backend.")]  # fmt: skip
 
+QuantOpt = Annotated[Optional[str], typer.Option(
+    "--quant", help="Weight-only quantization of the language model: fp16, int8 or int4 (faster CPU decoding, "
+                    "less memory; activations keep --dtype). Default: as stored.")]  # fmt: skip
+
 console = Console()
 err_console = Console(stderr=True)
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from vrwkv_cli.common import WkvBackendOpt
+from vrwkv_cli.common import QuantOpt, WkvBackendOpt
 
 # No help= here: the callback's docstring (with its example) is the group's help.
 app = typer.Typer(no_args_is_help=False, add_completion=False)
@@ -49,6 +49,7 @@ def generate(
     download: Annotated[bool, typer.Option("--download", help="Fetch a registry model if it is not on disk.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object on the last line.")] = False,
     wkv_backend: WkvBackendOpt = None,
+    quant: QuantOpt = None,
 ) -> None:
     """Generate benchmark answers and score them; `vrwkv eval score` scores an answer file.
 
@@ -69,7 +70,7 @@ def generate(
     style = prompt_style.value if prompt_style is not None else None  # None: the model's own
     report = run_eval(model, benchmark, data_root, out, limit=limit, shard=parse_shard(shard), batch_size=batch_size,
                       device=device, dtype=dtype, prompt_style=style, max_new_tokens=max_new_tokens,
-                      download=download, wkv_backend=wkv_backend, progress=RichProgress())  # fmt: skip
+                      download=download, wkv_backend=wkv_backend, quant=quant, progress=RichProgress())  # fmt: skip
     _print_report(report, json_output)
 
 

@@ -233,8 +233,8 @@ def _check_run_record(out: Path, record: dict[str, Any]) -> None:
             old = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             old = {}
-        for k in ("benchmark", "model_id", "prompt_style", "max_new_tokens"):
-            if k in old and old[k] != record[k]:
+        for k in ("benchmark", "model_id", "prompt_style", "max_new_tokens", "quant"):
+            if old.get(k) != record.get(k) and (k in old or record.get(k) is not None):
                 raise VrwkvError(
                     f"{out} holds answers made with {k}={old[k]!r}, this run has {k}={record[k]!r}",
                     hint="use another --out, or delete its answers*.jsonl to start over",
@@ -257,12 +257,14 @@ def run_eval(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     download: bool = False,
     wkv_backend: str | None = None,
+    quant: str | None = None,
     progress: Progress | None = None,
 ) -> EvalReport:
     """Answers the benchmark's questions not yet answered in `out`, then merges and scores
     (unless this is a shard and others are unfinished). `model`: a --model spec (dir,
     .pth, registry name) or a loaded VisualRWKV. `prompt_style` None: the model's own
-    (`default_prompt_style`)."""
+    (`default_prompt_style`). `quant` (fp16, int8, int4) quantizes the language model's
+    weights; a run's answers are not mixed with those of another `quant`."""
     bench = get_benchmark(benchmark)
     if prompt_style is not None and prompt_style not in PROMPT_STYLES:
         raise VrwkvError(f"unknown prompt style {prompt_style!r}", hint="use v7 or v6")
@@ -283,10 +285,12 @@ def run_eval(
     if prompt_style is None:
         prompt_style = default_prompt_style(model)
         if prompt_style is None:  # a checkpoint file or a registry name: its tensors tell
-            vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend)
+            vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend,
+                             quant=quant)
             prompt_style = default_prompt_style(vlm)
     _check_run_record(out, {"benchmark": bench.name, "data_root": str(paths.root.resolve()), "model": str(model),
-                            "model_id": model_id, "prompt_style": prompt_style, "max_new_tokens": max_new_tokens})  # fmt: skip
+                            "model_id": model_id, "prompt_style": prompt_style, "max_new_tokens": max_new_tokens,
+                            **({"quant": quant} if quant else {})})  # fmt: skip
     target = answers_path(out, shard)
     if shard is not None:
         _done_marker(out, shard).unlink(missing_ok=True)
@@ -305,7 +309,8 @@ def run_eval(
 
     if todo:
         if vlm is None:
-            vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend)
+            vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend,
+                             quant=quant)
         _generate(vlm, bench, todo, paths, target, model_id, prompt_style, max_new_tokens, batch_size, report,
                   progress, len(absent))  # fmt: skip
 

@@ -18,15 +18,20 @@ Notable:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vrwkv_core.model.rwkv.layers import Linear
+
 FORMATS = ("fp16", "int8", "int4")
 INT4_GROUP = 128  # the kernel takes 32, 64, 128 or 256; rows shorter than this use a smaller one
 _CLIP_RATIOS = torch.linspace(1.0, 0.7, 7).tolist()
+STORED_DTYPES = {"weight16": torch.float16, "scales": torch.bfloat16, "offsets": torch.bfloat16}
+HEAD_DEFAULT = {"fp16": "fp16", "int8": "int8", "int4": "int8"}
+LORA_NAMES = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 
 
 def int4_group(n_in: int, group: int = INT4_GROUP) -> int | None:
@@ -213,6 +218,10 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda(): the packed layout follows the buffers
         out = super()._apply(fn, recurse)
+        for name, dt in STORED_DTYPES.items():  # model.to(dtype) must not recast the codes' scales
+            t = self._buffers.get(name)
+            if t is not None and t.dtype != dt and not t.is_meta:
+                self._buffers[name] = t.to(dt)
         self.repack()
         return out
 
@@ -230,4 +239,102 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}{g}"
 
 
-__all__ = ["FORMATS", "INT4_GROUP", "QuantLinear", "int4_group", "quantize_int4", "quantize_int8", "unpack_int4"]
+def layer_format(fmt: str, n_in: int) -> tuple[str, int | None]:
+    """(format, int4 group) for a matrix with `n_in` inputs: int4 falls back to int8 when no
+    kernel group size divides n_in."""
+    if fmt != "int4":
+        return fmt, None
+    group = int4_group(n_in)
+    return ("int4", group) if group is not None else ("int8", None)
+
+
+def _linears(lm: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, layer) of every plain `Linear` of the LM: the blocks' matrices and the head."""
+    return [(p, n, c) for p in lm.modules() for n, c in p._modules.items() if type(c) is Linear]
+
+
+@torch.no_grad()
+def quantize_lm(lm: nn.Module, fmt: str, head: str, lora: bool = True) -> nn.Module:
+    """Replaces every `Linear` of an RWKV LM by a QuantLinear in `fmt` (the head in `head`), in
+    place; `lora` adds fp16-packed no-grad copies of the RWKV-7 LoRA matrices."""
+    for parent, name, child in _linears(lm):
+        f, group = layer_format(head if child is lm.head else fmt, child.in_features)
+        parent._modules[name] = QuantLinear.from_linear(child.weight, f, group)
+    if lora:
+        add_lora_fast(lm)
+    lm.quant, lm.quant_head = fmt, head
+    return lm
+
+
+def add_lora_fast(lm: nn.Module) -> None:
+    """fp16-packed no-grad copies of the RWKV-7 LoRA matrices (CPU, fp32 activations only:
+    with bf16 activations the bf16-packed path of `optimize_for_inference` is as fast)."""
+    for m in lm.modules():
+        fast = getattr(m, "lora_fast", None)
+        if fast is None:
+            continue
+        for name in LORA_NAMES:
+            w = m._parameters.get(name)
+            if w is not None and w.device.type == "cpu" and w.dtype == torch.float32:
+                fast[name] = QuantLinear.from_linear(w.t(), "fp16")
+
+
+def quantized_layout(lm: nn.Module, shapes: Mapping[str, tuple[int, ...]], prefix: str = "") -> str | None:
+    """Turns a meta-built LM into the layout of a quantized state dict whose tensor shapes are
+    `shapes` (keys: `prefix` + our names): each Linear stored as codes becomes an empty QuantLinear of
+    the stored format. Returns the blocks' format (None: nothing stored quantized)."""
+    found = None
+    for path, parent in lm.named_modules():
+        for name, child in list(parent._modules.items()):
+            if type(child) is not Linear:
+                continue
+            key = f"{prefix}{path + '.' if path else ''}{name}."
+            if key + "weight16" in shapes:
+                f, group = "fp16", None
+            elif key + "offsets" in shapes:
+                f, group = "int4", child.in_features // max(shapes[key + "offsets"][-1], 1)
+            elif key + "qweight" in shapes:
+                f, group = "int8", None
+            else:
+                continue
+            parent._modules[name] = QuantLinear.empty(child.in_features, child.out_features, f, group, device="meta")
+            if child is lm.head:
+                lm.quant_head = f
+            elif found is None or f == "int4":
+                found = f
+    if found is not None:
+        lm.quant = found
+    return found
+
+
+QUANT_KEYS = ("qweight", "weight16", "scales", "offsets")
+
+
+def is_quant_key(name: str) -> bool:
+    """Whether a state-dict key is a QuantLinear's stored tensor (kept in its stored dtype)."""
+    return name.rsplit(".", 1)[-1] in QUANT_KEYS
+
+
+def dense_view(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`sd` with each quantized layer's tensors replaced by a meta `weight` of the dense shape
+    [out, in], so the dims of a quantized state dict can be read like a plain one's."""
+    out = {k: t for k, t in sd.items() if not is_quant_key(k)}
+    for k, t in sd.items():
+        base, leaf = k.rsplit(".", 1)
+        if leaf == "weight16" or (leaf == "qweight" and t.dtype == torch.int8):
+            out[base + ".weight"] = torch.empty(tuple(t.shape), device="meta")
+        elif leaf == "qweight":  # int4: two codes a byte
+            out[base + ".weight"] = torch.empty(t.shape[0], t.shape[1] * 2, device="meta")
+    return out
+
+
+def finish_loading(lm: nn.Module) -> None:
+    """After a quantized LM's buffers are assigned: the kernel layouts, the LoRA fast path."""
+    for m in lm.modules():
+        if isinstance(m, QuantLinear):
+            m.repack()
+    add_lora_fast(lm)
+
+
+__all__ = ["FORMATS", "HEAD_DEFAULT", "INT4_GROUP", "QuantLinear", "add_lora_fast", "dense_view", "finish_loading", "int4_group", "is_quant_key",
+           "layer_format", "quantize_int4", "quantize_int8", "quantize_lm", "quantized_layout", "unpack_int4"]
