@@ -148,6 +148,7 @@ class QuantLinear(nn.Module):
     def from_linear(cls, weight: torch.Tensor, fmt: str, group: int | None = None) -> "QuantLinear":
         """Quantizes a weight [out, in] (any float dtype) and packs it for its device."""
         n_out, n_in = weight.shape
+        weight = weight.detach().contiguous()  # optimize_for_inference may have left it column-major
         m = cls(n_in, n_out, fmt, group)
         if fmt == "fp16":
             m.register_buffer("weight16", weight.detach().to(torch.float16).contiguous())
