@@ -50,7 +50,7 @@ def lm(
         help="What the RWKV-7 rows time: wall (elapsed) or cpu (process CPU time; steadier on a busy "
              "shared machine, with --threads 1).")] = Clock.wall,  # fmt: skip
     as_json: JsonOpt = False,
-    wkv_backend: Annotated[str, typer.Option("--wkv-backend", help="WKV kernel of our prefill: auto, chunked, cuda or reference.")] = "auto",
+    wkv_backend: Annotated[str, typer.Option("--wkv-backend", help="WKV kernel of our prefill: auto, chunked, cuda, fla or reference.")] = "auto",
     quant: Annotated[Optional[list[str]], typer.Option(
         "--quant", help="Add rows for these weight formats (repeatable): fp16, int8, int4.")] = None,
     batch: Annotated[int, typer.Option(help="Add an fp32 batch-B aggregate decode row (0: none).")] = 0,

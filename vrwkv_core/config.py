@@ -17,7 +17,7 @@ from typing import Any, Optional
 from vrwkv_core.errors import RecipeError
 
 RWKV_VERSIONS = ("x070", "x060")  # the LM families (vrwkv_core.model.families.FAMILIES)
-WKV_BACKENDS = ("auto", "reference", "chunked", "cuda")  # vrwkv_core.kernels.BACKENDS
+WKV_BACKENDS = ("auto", "reference", "chunked", "cuda", "fla")  # vrwkv_core.kernels.BACKENDS
 
 @dataclass
 class RWKVSection:
