@@ -4,6 +4,8 @@ tiny model's shapes answers under fp16/int8/int4."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import build_tiny_vlm
@@ -136,8 +138,9 @@ def test_the_trained_tiny_model_answers_shapes_alike_in_every_format(tiny_traine
     for fmt in (None, "fp16", "int8", "int4"):
         reports[fmt] = run_eval(str(model), "shapes", data, tmp_path / str(fmt), batch_size=4, device="cpu",
                                 max_new_tokens=8, quant=fmt)  # fmt: skip
-    acc = {fmt: r.score["accuracy"] for fmt, r in reports.items()}
-    answers = {fmt: [a["text"] for a in r.merged] for fmt, r in reports.items()}
+    acc = {fmt: r.score.accuracy for fmt, r in reports.items()}
+    answers = {fmt: [json.loads(line)["text"] for line in r.merged.read_text().splitlines()]
+               for fmt, r in reports.items()}  # fmt: skip
     print("shapes accuracy per format:", acc)
     assert answers["fp16"] == answers[None]  # within 0.5 points: the same answers
     assert abs(acc["int8"] - acc[None]) <= 0.01 + 1e-9

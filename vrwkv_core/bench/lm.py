@@ -158,8 +158,9 @@ def run_lm_bench(
     "read_bandwidth_gb_s", "bandwidth_fraction" (weight bytes per token / time per token /
     the measured read bandwidth) and, for formats other than fp32, "logit_rel_err" (mean
     ||l - l_fp32|| / ||l_fp32||) and "top1_agree" over `quality_steps` teacher-forced steps.
-    `batch` > 1 adds a "vrwkv-b{batch}" decode row (fp32, aggregate tokens/s, ratio over the
-    package's batch-1 decode); `rss` adds "peak_rss_mb" (load + decode, each format in a
+    `batch` > 1 adds "vrwkv-b{batch}" decode rows (fp32, aggregate tokens/s, ratio over the
+    package's batch-1 decode): the default route and "-packed", the opt-in
+    `use_batched_route` (faster; a row's logits then depend on the batch at ~1e-6); `rss` adds "peak_rss_mb" (load + decode, each format in a
     fresh process, from its own saved file) to the decode rows. Each time is the best of
     `repeats` runs after one warm-up run. `clock="cpu"` times process CPU time instead of
     wall time: with threads=1 it is robust on a busy shared machine.
@@ -214,11 +215,14 @@ def run_lm_bench(
                     quality[name] = _quality(logits, reference)
                 log(f"{name}: prefill {T / times[(name, 'prefill')]:.1f} tok/s, "
                     f"decode {decode_tokens / times[(name, 'decode')]:.1f} tok/s")  # fmt: skip
-                if name == "vrwkv" and batch > 1:
+                if name == "vrwkv" and batch > 1:  # the default route, then the opt-in packed one
                     states = RWKVState.cat([state] * batch)
-                    times[(batched, "decode")] = best_of(
-                        lambda: _decode_ours(model, states, decode_tokens, batch), repeats, timer)  # fmt: skip
-                    bytes_per_token[batched] = bytes_per_token[name]
+                    for route in (batched, f"{batched}-packed"):
+                        if route != batched:
+                            model.use_batched_route()
+                        times[(route, "decode")] = best_of(
+                            lambda: _decode_ours(model, states, decode_tokens, batch), repeats, timer)  # fmt: skip
+                        bytes_per_token[route] = bytes_per_token[name]
                 del model
             if rss:
                 for name in names:
@@ -239,7 +243,7 @@ def run_lm_bench(
     rows: list[dict] = []
     for (name, phase), seconds in times.items():
         steps = T if phase == "prefill" else decode_tokens
-        n = steps * (batch if name == batched else 1)
+        n = steps * (batch if name.startswith(batched) else 1)
         ref = times.get(("rwkv-pkg", phase))
         row: dict[str, Any] = {
             "model": name, "phase": phase, "tokens_per_s": n / seconds,
