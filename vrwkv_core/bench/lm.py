@@ -280,7 +280,7 @@ def _quality(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, floa
 
 
 _RSS_SCRIPT = r"""
-import json, resource, sys, torch
+import json, sys, torch
 from vrwkv_core.model.rwkv.rwkv7 import RWKV7
 from vrwkv_core.model.rwkv.state import RWKVState
 path, dtype, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -293,7 +293,9 @@ with torch.no_grad():
     for _ in range(16):
         out, state = model(torch.tensor([[tok]]), state=state)
         tok = int(out[0, -1].argmax())
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's (it survives fork + exec)
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
 """
 
 

@@ -30,7 +30,9 @@ FORMATS = ("fp16", "int8", "int4")
 INT4_GROUP = 128  # the kernel takes 32, 64, 128 or 256; rows shorter than this use a smaller one
 _CLIP_RATIOS = torch.linspace(1.0, 0.7, 7).tolist()
 STORED_DTYPES = {"weight16": torch.float16, "scales": torch.bfloat16, "offsets": torch.bfloat16}
-HEAD_DEFAULT = {"fp16": "fp16", "int8": "int8", "int4": "int8"}
+# int4's head in fp16: more accurate than int4 or int8 and, through the fp16 kernel, faster
+# than int8's (65536x768, one thread: fp16 3.8 ms, int8 7.4 ms, int4 2.7 ms)
+HEAD_DEFAULT = {"fp16": "fp16", "int8": "int8", "int4": "fp16"}
 LORA_NAMES = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 
 
