@@ -5,6 +5,7 @@ tiny model's shapes answers under fp16/int8/int4."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +149,25 @@ def test_the_trained_tiny_model_answers_shapes_alike_in_every_format(tiny_traine
     assert abs(acc["int8"] - acc[None]) <= 0.01 + 1e-9
     assert abs(acc["int4"] - acc[None]) <= 0.03 + 1e-9 or sum(
         a != b for a, b in zip(answers["int4"], answers[None])) <= 1  # fmt: skip
+
+
+@torch.no_grad()
+def test_vrwkv_export_quant_writes_a_dir_that_loads_quantized(tmp_path, capsys):
+    from helpers import perturbed_vlm
+
+    from vrwkv_cli.main import run
+    from vrwkv_core.checkpoint.ours import save_pretrained
+    from vrwkv_core.config import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml")
+    save_pretrained(perturbed_vlm(recipe.model, seed=0), tmp_path / "model", recipe)
+    assert run(["export", str(tmp_path / "model"), "--quant", "int4", "--out", str(tmp_path / "q")]) == 0
+    assert "int4 language model" in " ".join(capsys.readouterr().out.split())
+    vlm = load_model(tmp_path / "q", device="cpu")
+    assert vlm.rwkv.quant == "int4" and vlm.rwkv.blocks[0].att.key.fmt in ("int4", "int8")
+    ref = load_model(tmp_path / "model", device="cpu", quant="int4")
+    ids = torch.tensor([[3, 4, 5]])
+    assert torch.equal(vlm.rwkv(ids)[0], ref.rwkv(ids)[0])
+    # --quant writes a dir: a .pth target is one clear error, nothing written
+    assert run(["export", str(tmp_path / "model"), "--quant", "int8", "--out", str(tmp_path / "x.pth")]) == 2
+    assert "--quant writes a model dir" in " ".join(capsys.readouterr().err.split()) and not (tmp_path / "x.pth").exists()
