@@ -146,6 +146,7 @@ def bench_image_cache(
         vlm = VisualRWKV(cfg)
     vlm.rwkv.load_state_dict(random_rwkv7_weights(cfg.rwkv, seed=0))
     vlm = vlm.to(device=device, dtype=dtype).eval()
+    n_params = sum(p.numel() for p in vlm.parameters())  # before quantization turns matrices into buffers
     if quant:
         quantize(vlm, quant)
     g = torch.Generator().manual_seed(2)
@@ -168,7 +169,6 @@ def bench_image_cache(
     uncached = ChatSession(vlm, cache_size=0)  # (the model is warm from the first question)
     uncached.add_image(image)
     without = ttft(uncached, questions[1])
-    n_params = sum(p.numel() for p in vlm.parameters())
     common = {"case": f"second question, 0b1 LM + {towers} towers ({n_params / 1e9:.2f}B params), 1024 image tokens",
               "device": str(device), "dtype": str(dtype).removeprefix("torch."), "quant": quant}  # fmt: skip
     return [
