@@ -160,8 +160,10 @@ def run_lm_bench(
     ||l - l_fp32|| / ||l_fp32||) and "top1_agree" over `quality_steps` teacher-forced steps.
     `batch` > 1 adds "vrwkv-b{batch}" decode rows (fp32, aggregate tokens/s, ratio over the
     package's batch-1 decode): the default route and "-packed", the opt-in
-    `use_batched_route` (faster; a row's logits then depend on the batch at ~1e-6); `rss` adds "peak_rss_mb" (load + decode, each format in a
-    fresh process, from its own saved file) to the decode rows. Each time is the best of
+    `use_batched_route` (faster; a row's logits then depend on the batch at ~1e-6). `rss`
+    adds "peak_rss_mb" (load + decode, each format in a fresh process, from its own saved
+    file) and "lm_peak_mb" (that less the process's RSS before loading: python, torch,
+    vrwkv) to the decode rows. Each time is the best of
     `repeats` runs after one warm-up run. `clock="cpu"` times process CPU time instead of
     wall time: with threads=1 it is robust on a busy shared machine.
     """
@@ -180,7 +182,7 @@ def run_lm_bench(
     forced = torch.randint(0, cfg.vocab_size, (quality_steps,), generator=g).tolist()
     times: dict[tuple[str, str], float] = {}
     quality: dict[str, tuple[float, float]] = {}
-    peak: dict[str, float] = {}
+    peak: dict[str, tuple[float, float]] = {}
     bytes_per_token: dict[str, int] = {}
     batched = f"vrwkv-b{batch}"
     try:
@@ -227,7 +229,7 @@ def run_lm_bench(
             if rss:
                 for name in names:
                     peak[name] = _peak_rss_mb(files.get(name, path), "bf16" if name == "vrwkv-bf16" else "fp32", threads)
-                    log(f"{name}: peak RSS {peak[name]:.0f} MB")
+                    log(f"{name}: peak RSS {peak[name][0]:.0f} MB")
             pkg = load_rwkv7_pkg(path)
         if pkg is None:
             log("the rwkv package is not installed: no reference rows")
@@ -257,8 +259,8 @@ def run_lm_bench(
             row["bandwidth_fraction"] = nbytes / (seconds / steps) / bandwidth  # a batched step reads them once
             if name in quality:
                 row["logit_rel_err"], row["top1_agree"] = quality[name]
-            if name in peak:
-                row["peak_rss_mb"] = peak[name]
+            if name in peak:  # the LM's own share: the peak less python + torch before loading
+                row["peak_rss_mb"], row["lm_peak_mb"] = peak[name][0], peak[name][0] - peak[name][1]
         rows.append(row)
     return rows
 
@@ -282,6 +284,9 @@ def _quality(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, floa
 _RSS_SCRIPT = r"""
 import json, sys, torch
 from vrwkv_core.model.rwkv.rwkv7 import RWKV7
+def status(key):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1]) / 1024
+base = status("VmRSS:")  # python + torch + vrwkv, before any weight
 from vrwkv_core.model.rwkv.state import RWKVState
 path, dtype, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.set_num_threads(threads)
@@ -294,18 +299,19 @@ with torch.no_grad():
         out, state = model(torch.tensor([[tok]]), state=state)
         tok = int(out[0, -1].argmax())
 # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's (it survives fork + exec)
-hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
+print(json.dumps({"peak_rss_mb": status("VmHWM:"), "base_rss_mb": base}))
 """
 
 
-def _peak_rss_mb(path: Path, dtype: str, threads: int) -> float:
-    """Peak RSS (MB) of a fresh process that loads the LM file at `path` and decodes 16 tokens."""
+def _peak_rss_mb(path: Path, dtype: str, threads: int) -> tuple[float, float]:
+    """(peak RSS, RSS before loading) in MB of a fresh process that loads the LM file at `path`
+    and decodes 16 tokens."""
     proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path), dtype, str(threads)],
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError("peak RSS run failed: " + " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:]))
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return float(out["peak_rss_mb"]), float(out["base_rss_mb"])
 
 
 def _decode_ours(model: Any, state: Any, n: int, batch: int = 1) -> None:

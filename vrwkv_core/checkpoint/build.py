@@ -56,12 +56,15 @@ def assign_weights(
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tensors = {}
     for name, t in sd.items():
-        if is_quant_key(name):  # a quantized layer's codes and scales keep their stored dtypes
-            tensors[name] = aligned(t.to(device=device, dtype=expected_dtype(model, name)))
+        if is_quant_key(name):  # codes and scales keep their stored dtypes, and stay mmap'd (no copy:
+            tensors[name] = t.to(device=device, dtype=expected_dtype(model, name))  # their kernels do not care)
             continue
         if not t.is_floating_point():
             raise CheckpointError(f"{source}: {name} has dtype {t.dtype}, expected a float tensor")
-        tensors[name] = aligned(t.to(device=device, dtype=dtype))
+        t = t.to(device=device, dtype=dtype)
+        # the embedding is only gathered from (no MKL product): left mmap'd, only the rows a
+        # prompt uses become resident (65536 x 768 fp32 is 200 MB)
+        tensors[name] = t if name == "emb.weight" else aligned(t)
     model.load_state_dict(tensors, strict=True, assign=True)
     if getattr(model, "quant", None):
         finish_loading(model)
@@ -119,8 +122,8 @@ def assign_state(
     expected = model.state_dict()
     tensors = {}
     for name, t in sd.items():
-        if is_quant_key(name):  # a quantized layer's codes and scales keep their stored dtypes
-            tensors[name] = aligned(t.to(device=device, dtype=expected[name].dtype))
+        if is_quant_key(name):  # codes and scales keep their stored dtypes, and stay mmap'd
+            tensors[name] = t.to(device=device, dtype=expected[name].dtype)
             continue
         want_float = expected[name].is_floating_point()
         if want_float != t.is_floating_point():
