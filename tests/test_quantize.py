@@ -171,3 +171,36 @@ def test_vrwkv_export_quant_writes_a_dir_that_loads_quantized(tmp_path, capsys):
     # --quant writes a dir: a .pth target is one clear error, nothing written
     assert run(["export", str(tmp_path / "model"), "--quant", "int8", "--out", str(tmp_path / "x.pth")]) == 2
     assert "--quant writes a model dir" in " ".join(capsys.readouterr().err.split()) and not (tmp_path / "x.pth").exists()
+
+
+@pytest.mark.slow
+def test_lm_bench_rows_for_formats_batch_and_memory():
+    """run_lm_bench with quantized formats, a batch row and RSS, on a tiny config (in a child
+    process: it imports the rwkv package, which reads its environment once)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    pytest.importorskip("rwkv")
+    code = textwrap.dedent(
+        """
+        import json
+        from vrwkv_core.bench.lm import run_lm_bench
+        from vrwkv_core.config import RWKVSection
+        cfg = RWKVSection(n_layer=2, n_embd=128, head_size=64, vocab_size=512)
+        rows = run_lm_bench(threads=1, T=16, decode_tokens=3, repeats=1, cfg=cfg, quant=["fp16", "int4"], batch=2,
+                            rss=True, quality_steps=4)
+        print(json.dumps(rows))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_")}
+    done = subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True, timeout=600)
+    rows = {(r["model"], r["phase"]): r for r in json.loads(done.stdout.strip().splitlines()[-1])}
+    assert set(rows) == {(m, p) for m in ("vrwkv", "vrwkv-fp16", "vrwkv-int4", "rwkv-pkg") for p in ("prefill", "decode")} | {
+        ("vrwkv-b2", "decode"), ("vrwkv-b2-packed", "decode")}  # fmt: skip
+    assert rows[("vrwkv-fp16", "decode")]["logit_rel_err"] < 1e-2 and rows[("vrwkv-fp16", "decode")]["top1_agree"] == 1.0
+    assert 0 < rows[("vrwkv-int4", "decode")]["logit_rel_err"] < 1.0
+    for m in ("vrwkv", "vrwkv-fp16", "vrwkv-int4"):
+        assert rows[(m, "decode")]["peak_rss_mb"] > rows[(m, "decode")]["lm_peak_mb"] > 0
+    assert rows[("vrwkv-int4", "decode")]["bytes_per_token"] < rows[("vrwkv", "decode")]["bytes_per_token"]
