@@ -60,26 +60,37 @@ class Linear(nn.Linear):
 
 def row_vector_weight(w_in_out: torch.Tensor) -> tuple[Any, int] | None:
     """A numpy view [in, out] (no copy) of a contiguous fp32 CPU weight, for single-row
-    products: numpy's bundled OpenBLAS does x @ W 1.4-1.9x faster than torch's MKL for the
-    0.1B shapes here (768x768: 29 vs 51 us; the head 7.1 vs 9.8 ms, one thread). Tagged with
-    the storage pointer: a weight replaced by loading or `.to()` is never read through it."""
+    products when torch runs one thread: numpy's bundled OpenBLAS does x @ W 1.4-1.9x faster
+    than torch's MKL for the 0.1B shapes here (768x768: 29 vs 51 us; the head 7.1 vs 9.8 ms).
+    With more threads OpenBLAS's pool and torch's OpenMP pool fight over the cores (4.5x
+    slower decoding on 2 threads here), so `rowvec_ok` takes this route on one thread only.
+    Tagged with the storage pointer: a weight replaced by loading or `.to()` is never read
+    through it."""
     if w_in_out.device.type != "cpu" or w_in_out.dtype != torch.float32 or not w_in_out.is_contiguous():
         return None
-    limit_blas_threads()
     return w_in_out.detach().numpy(), w_in_out.data_ptr()
 
 
-def limit_blas_threads() -> None:
-    """numpy's OpenBLAS gets torch's thread count: by default it starts one thread per core,
-    which on a busy machine makes small products 30x slower. Process-wide, like torch's own."""
-    threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
+_blas_limited = False
+
+
+def _one_thread() -> bool:
+    """torch runs one thread (then numpy's OpenBLAS is capped to one too, once: its default is
+    one thread per core, which on a busy machine makes small products 30x slower)."""
+    global _blas_limited
+    if torch.get_num_threads() != 1:
+        return False
+    if not _blas_limited:
+        threadpool_limits(limits=1, user_api="blas")
+        _blas_limited = True
+    return True
 
 
 def rowvec_ok(rv: tuple[Any, int] | None, w: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether `x` is one fp32 row, no-grad, and `rv` still views `w`'s storage."""
+    """Whether `x` is one fp32 row, no-grad, torch runs one thread, and `rv` still views `w`."""
     return (
         rv is not None and x.numel() == x.shape[-1] and x.dtype == torch.float32 and rv[1] == w.data_ptr()
-        and not torch.is_grad_enabled()
+        and not torch.is_grad_enabled() and _one_thread()
     )  # fmt: skip
 
 
