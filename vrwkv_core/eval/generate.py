@@ -282,6 +282,7 @@ def run_eval(
     mine = shard_slice(questions, shard)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    quant_kw = {"quant": quant} if quant else {}  # (loaders without quantization stay callable)
     is_spec = isinstance(model, (str, Path))
     model_id = model_id_for(model) if is_spec else type(model).__name__
     vlm = None if is_spec else model
@@ -289,7 +290,7 @@ def run_eval(
         prompt_style = default_prompt_style(model)
         if prompt_style is None:  # a checkpoint file or a registry name: its tensors tell
             vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend,
-                             quant=quant)
+                             **quant_kw)
             prompt_style = default_prompt_style(vlm)
     _check_run_record(out, {"benchmark": bench.name, "data_root": str(paths.root.resolve()), "model": str(model),
                             "model_id": model_id, "prompt_style": prompt_style, "max_new_tokens": max_new_tokens,
@@ -313,7 +314,7 @@ def run_eval(
     if todo:
         if vlm is None:
             vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend,
-                             quant=quant)
+                             **quant_kw)
         if fast_batch:
             vlm.rwkv.use_batched_route()
         _generate(vlm, bench, todo, paths, target, model_id, prompt_style, max_new_tokens, batch_size, report,
