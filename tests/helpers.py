@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
+
 from vrwkv_core.bench.lm import random_rwkv7_weights
 from vrwkv_core.config import ModelSection, ProjectorSection, RWKVSection, TinyTowerSection, VisionSection
 from vrwkv_core.model.visual_rwkv import VisualRWKV

@@ -24,7 +24,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 # --------------------------------------------------------------------------- helpers
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
-from vrwkv_cli.common import AdapterOpt, MergeAdapterOpt, PrefillPadOpt, StateOpt, WkvBackendOpt
+from vrwkv_cli.common import AdapterOpt, MergeAdapterOpt, PrefillPadOpt, QuantOpt, StateOpt, WkvBackendOpt
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -59,6 +59,7 @@ def chat(
     adapter: AdapterOpt = None,
     state: StateOpt = None,
     merge_adapter: MergeAdapterOpt = False,
+    quant: QuantOpt = None,
 ) -> None:
     """Chat about an image (interactive), or answer one --prompt and exit.
 
@@ -96,7 +97,7 @@ def chat(
     t0 = time.perf_counter()
     with err_console.status(f"loading {escape(model)}", spinner="dots") if not one_shot else _nothing():
         vlm = load_model(model, device=device, dtype=dtype, download=download, wkv_backend=wkv_backend,
-                         adapter=adapter, state=state, merge_adapter=merge_adapter)
+                         adapter=adapter, state=state, merge_adapter=merge_adapter, quant=quant)
     load_s = time.perf_counter() - t0
     session = ChatSession(vlm, config=config, ctx_len=context_length(model), prefill_pad=prefill_pad)
     for im in images:

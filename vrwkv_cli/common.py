@@ -12,8 +12,12 @@ from rich.table import Table
 from vrwkv_core.progress import Progress
 
 WkvBackendOpt = Annotated[Optional[str], typer.Option(
-    "--wkv-backend", help="WKV kernel: auto, chunked, cuda or reference (the slow loop); default: the model's "
-                          "model.rwkv.wkv_backend.")]  # fmt: skip
+    "--wkv-backend", help="WKV kernel: auto, chunked, cuda, fla (flash-linear-attention: pip install -e '.[fla]') "
+                          "or reference (the slow loop); default: the model's model.rwkv.wkv_backend.")]  # fmt: skip
+
+QuantOpt = Annotated[Optional[str], typer.Option(
+    "--quant", help="Weight-only quantization of the language model: fp16, int8 or int4 (faster CPU decoding, "
+                    "less memory; activations keep --dtype). Default: as stored.")]  # fmt: skip
 
 PrefillPadOpt = Annotated[bool, typer.Option(
     "--prefill-pad/--no-prefill-pad", help="Pad the first prompt of a conversation as the model's release did "

@@ -3,6 +3,7 @@
     vrwkv export out/tiny/finetune --out tiny.pth                    # released VisualRWKV layout, fp16
     vrwkv export out/1b5/finetune --out lm.pth --lm-only --dtype bf16  # the LM as an RWKV-LM .pth
     vrwkv export out/tiny/finetune-lora --merge --out out/tiny/merged  # a peft run -> an ordinary model dir
+    vrwkv export out/tiny/finetune --quant int8 --out out/tiny-int8  # a quantized model dir
 """
 
 from __future__ import annotations
@@ -11,13 +12,17 @@ from typing import Annotated, Optional
 
 import typer
 
+from vrwkv_cli.common import QuantOpt
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
 def export(
-    model_dir: Annotated[str, typer.Argument(help="One of our output dirs (config.yaml + model.safetensors).")],
-    out: Annotated[str, typer.Option("--out", "-o", help="The .pth file to write (replaced atomically).")],
+    model_dir: Annotated[str, typer.Argument(help="One of our output dirs (config.yaml + model.safetensors); "
+                                                   "with --quant also a released .pth or hub:NAME.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="The .pth file to write (replaced atomically); with "
+                                                         "--quant a model dir.")],
     lm_only: Annotated[
         bool,
         typer.Option("--lm-only", help="Write only the RWKV LM, in RWKV-LM's .pth layout (names without `rwkv.`), "
@@ -38,15 +43,26 @@ def export(
         Optional[str],
         typer.Option("--base", help="With --merge: the run's base model, if it moved (checked by sha256)."),
     ] = None,
+    quant: QuantOpt = None,
 ) -> None:
     """Write a model dir as a released VisualRWKV .pth (or, with --lm-only, an RWKV .pth).
 
     Example: vrwkv export out/tiny/finetune --out tiny.pth
     """
-    if dtype not in ("fp32", "fp16", "bf16"):
-        raise typer.BadParameter(f"{dtype!r} is not one of fp32, fp16, bf16", param_hint="--dtype")
     from vrwkv_cli.common import console
 
+    if quant is not None:
+        if out.endswith(".pth") or lm_only:
+            raise typer.BadParameter("--quant writes a model dir: give --out a folder (and no --lm-only)",
+                                     param_hint="--out")  # fmt: skip
+        from vrwkv_core.checkpoint import export_quantized
+
+        info = export_quantized(model_dir, quant, out)
+        console.print(f"wrote {info['path']} ({info['quant']} language model, {info['bytes'] / 2**20:.1f} MiB); "
+                      f"load it with --model {info['path']}")  # fmt: skip
+        return
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise typer.BadParameter(f"{dtype!r} is not one of fp32, fp16, bf16", param_hint="--dtype")
     if merge:
         from vrwkv_core.checkpoint.adapters import export_merged
 

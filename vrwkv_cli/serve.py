@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vrwkv_cli.common import PrefillPadOpt
+from vrwkv_cli.common import AdapterOpt, MergeAdapterOpt, PrefillPadOpt, QuantOpt, StateOpt, WkvBackendOpt
 
 app = typer.Typer(add_completion=False)
 
@@ -26,6 +26,11 @@ def serve(
     max_image_mb: Annotated[float, typer.Option(help="Largest image accepted (more: 413).")] = 20,
     max_context: Annotated[int, typer.Option(help="Longest prompt in tokens (images included).")] = 8192,
     prefill_pad: PrefillPadOpt = True,
+    quant: QuantOpt = None,
+    adapter: AdapterOpt = None,
+    state: StateOpt = None,
+    merge_adapter: MergeAdapterOpt = False,
+    wkv_backend: WkvBackendOpt = None,
 ) -> None:
     """Serve a model with the OpenAI chat API (/v1/chat/completions), /metrics and a demo page at /.
 
@@ -38,4 +43,6 @@ def serve(
 
     run_server(model, host=host, port=port, device=device, dtype=dtype, max_batch=max_batch, max_queue=max_queue,
                state_cache_mb=state_cache_mb, api_key=api_key, image_root=image_root, max_image_mb=max_image_mb,
-               max_context=max_context, prefill_pad=prefill_pad, say=lambda msg: typer.echo(msg, err=True))  # fmt: skip
+               max_context=max_context, prefill_pad=prefill_pad,
+               load_options={"quant": quant, "adapter": adapter, "state": state, "merge_adapter": merge_adapter,
+                             "wkv_backend": wkv_backend}, say=lambda msg: typer.echo(msg, err=True))  # fmt: skip

@@ -2,7 +2,7 @@
 
 The public names load lazily so that `import vrwkv_core` (and `vrwkv --help`) stays fast:
 
-    from vrwkv_core import RWKV7, RWKVState, VisualRWKV, RWKVTokenizer, load_recipe, ChatSession
+    from vrwkv_core import RWKV7, RWKVState, VisualRWKV, RWKVTokenizer, load_recipe, ChatSession, quantize
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ _LAZY = {
     "RWKVState": "vrwkv_core.model.rwkv",
     "VisualRWKV": "vrwkv_core.model.visual_rwkv",
     "ChatSession": "vrwkv_core.infer.chat",
+    "quantize": "vrwkv_core.infer.quantize",
 }
 
 __all__ = list(_LAZY)

@@ -18,7 +18,7 @@ from vrwkv_core.errors import RecipeError
 from vrwkv_core.textio import read_text
 
 RWKV_VERSIONS = ("x070", "x060")  # the LM families (vrwkv_core.model.families.FAMILIES)
-WKV_BACKENDS = ("auto", "reference", "chunked", "cuda")  # vrwkv_core.kernels.BACKENDS
+WKV_BACKENDS = ("auto", "reference", "chunked", "cuda", "fla")  # vrwkv_core.kernels.BACKENDS
 
 @dataclass
 class RWKVSection:

@@ -17,6 +17,8 @@ Two comparisons, each on one set of random weights in this process
    SigLIP-SO400M, SAM-B, 1024 image tokens, ~1B parameters) or with the `tiny` tower at
    1024 image tokens (`cache_towers="tiny"`: the LM side of the cost only).
 
+`quant` (fp16, int8, int4) quantizes the language model of both comparisons.
+
     python -c "from vrwkv_core.bench.generate import run_generate_bench; print(run_generate_bench())"
 """
 
@@ -32,6 +34,7 @@ from vrwkv_core.bench.lm import random_rwkv7_weights
 from vrwkv_core.config import ModelSection, RWKVSection, TinyTowerSection, VisionSection
 from vrwkv_core.infer.chat import ChatSession
 from vrwkv_core.infer.loading import resolve_device, resolve_dtype
+from vrwkv_core.infer.quantize import quantize
 from vrwkv_core.model.rwkv.rwkv7 import RWKV7
 from vrwkv_core.model.visual_rwkv import VisualRWKV
 from vrwkv_core.progress import Progress
@@ -60,10 +63,13 @@ def bench_rnn_vs_reencode(
     new_tokens: int = 64,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    quant: str | None = None,
 ) -> list[dict[str, Any]]:
     """Rows for RNN mode and re-encoding on the same weights and inputs (greedy)."""
     device = torch.device(device)
     lm = _lm(lm_shape, device, dtype)
+    if quant:
+        quantize(lm, quant)
     g = torch.Generator().manual_seed(1)
     image = (torch.randn(1, image_rows, lm.n_embd, generator=g) * 0.5).to(device, dtype)  # [1, R, C]
     ids = torch.randint(300, 60000, (1, prompt_tokens), generator=g).to(device)
@@ -96,10 +102,10 @@ def bench_rnn_vs_reencode(
     _sync(device)
     re_s = time.perf_counter() - t0
     same = next((i for i, (a, b) in enumerate(zip(rnn_tokens, re_tokens)) if a != b), new_tokens)
-    if same < new_tokens and dtype == torch.float32:
+    if same < new_tokens and dtype == torch.float32 and not quant:  # bf16 activations drift as bf16 does
         raise AssertionError(f"greedy outputs differ at new token {same}: RNN {rnn_tokens[same]} vs re-encode {re_tokens[same]}")
     what = f"{lm_shape} LM, {image_rows} image rows + {prompt_tokens} tokens, {new_tokens} new"
-    common = {"case": what, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+    common = {"case": what, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "quant": quant}
     return [
         {**common, "method": "re-encode per token", "seconds": round(re_s, 3), "ttft_s": round(re_ttft, 4),
          "tokens_per_s": round(new_tokens / re_s, 2), "speedup": 1.0},
@@ -130,6 +136,7 @@ def bench_image_cache(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     repeats: int = 3,
+    quant: str | None = None,
 ) -> list[dict[str, Any]]:
     """TTFT of a second question about the same image: cached image state vs none."""
 
@@ -139,6 +146,9 @@ def bench_image_cache(
         vlm = VisualRWKV(cfg)
     vlm.rwkv.load_state_dict(random_rwkv7_weights(cfg.rwkv, seed=0))
     vlm = vlm.to(device=device, dtype=dtype).eval()
+    n_params = sum(p.numel() for p in vlm.parameters())  # before quantization turns matrices into buffers
+    if quant:
+        quantize(vlm, quant)
     g = torch.Generator().manual_seed(2)
     pixels = (torch.rand(480, 640, 3, generator=g) * 255).to(torch.uint8).numpy()
     image = Image.fromarray(pixels)
@@ -159,9 +169,8 @@ def bench_image_cache(
     uncached = ChatSession(vlm, cache_size=0)  # (the model is warm from the first question)
     uncached.add_image(image)
     without = ttft(uncached, questions[1])
-    n_params = sum(p.numel() for p in vlm.parameters())
     common = {"case": f"second question, 0b1 LM + {towers} towers ({n_params / 1e9:.2f}B params), 1024 image tokens",
-              "device": str(device), "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+              "device": str(device), "dtype": str(dtype).removeprefix("torch."), "quant": quant}  # fmt: skip
     return [
         {**common, "method": "no image cache", "ttft_s": round(without, 4), "speedup": 1.0},
         {**common, "method": "image-state cache", "ttft_s": round(with_cache, 4), "speedup": round(without / with_cache, 1)},
@@ -175,6 +184,7 @@ def run_generate_bench(
     device: str = "auto",
     dtype: str = "fp32",
     progress: Progress | None = None,
+    quant: str | None = None,
 ) -> list[dict[str, Any]]:
     """Both comparisons; rows with `method`, timings and `speedup` over the slow method.
 
@@ -193,10 +203,10 @@ def run_generate_bench(
     try:
         if progress is not None:
             progress.log(f"RNN mode vs re-encoding ({lm} LM) ...")
-        rows = bench_rnn_vs_reencode(lm, device=dev, dtype=dt)
+        rows = bench_rnn_vs_reencode(lm, device=dev, dtype=dt, quant=quant)
         if progress is not None:
             progress.log(f"image-state cache ({cache_towers} towers) ...")
-        rows += bench_image_cache(cache_towers, device=dev, dtype=dt)
+        rows += bench_image_cache(cache_towers, device=dev, dtype=dt, quant=quant)
     finally:
         torch.set_num_threads(old_threads)
     return rows

@@ -4,7 +4,8 @@ The sequential loop (`reference`) against the chunk-parallel form (`chunked`) on
 with `torch.set_num_threads(threads)`, forward alone and forward + backward (the gradient
 of a random linear function of y and the final state, to every input and the initial
 state). When CUDA is available and `vrwkv_core.kernels.wkv7.cuda` builds, `cuda` rows follow
-(timed with synchronisation; their speedup is still over the CPU loop).
+(timed with synchronisation; their speedup is still over the CPU loop), and `fla` rows
+(flash-linear-attention's RWKV-7 chunk kernel) when that package is installed too.
 
 Rows: {"backend", "device", "pass": "fwd" | "fwd+bwd", "ms" (best of `repeats`),
 "speedup_vs_reference" (loop ms / this ms, same pass)}.
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from vrwkv_core.kernels.wkv7 import cuda
+from vrwkv_core.kernels.wkv7 import cuda, fla
 from vrwkv_core.kernels.wkv7.chunked import wkv7_chunked
 from vrwkv_core.kernels.wkv7.reference import wkv7_reference
 from vrwkv_core.progress import Progress
@@ -110,6 +111,8 @@ def run_wkv_bench(
         cuda_wkv = _cuda_backend(N)
         if cuda_wkv is not None:
             backends.append(("cuda", "cuda", cuda_wkv, [x.cuda() for x in xs], state.cuda()))
+        if torch.cuda.is_available() and fla.is_available():
+            backends.append(("fla", "cuda", fla.wkv7_fla, [x.cuda() for x in xs], state.cuda()))
         if progress is not None:
             progress.start("bench wkv", total=2 * len(backends))
         rows: list[dict[str, Any]] = []
@@ -123,7 +126,7 @@ def run_wkv_bench(
                     if device != "cuda":
                         raise
                     if progress is not None:
-                        progress.log(f"cuda {pass_name} skipped: {err}")
+                        progress.log(f"{name} {pass_name} skipped: {err}")
                     continue
                 if name == "reference":
                     reference_ms[pass_name] = ms

@@ -11,10 +11,10 @@
 """
 
 from vrwkv_core.checkpoint.build import build_from_parts
-from vrwkv_core.checkpoint.export import export_pth
+from vrwkv_core.checkpoint.export import export_pth, export_quantized
 from vrwkv_core.checkpoint.load import load_checkpoint, load_pretrained, load_released, load_visual_rwkv
 from vrwkv_core.checkpoint.ours import read_recipe, save_pretrained
 from vrwkv_core.checkpoint.tensors import read_weights
 
-__all__ = ["build_from_parts", "export_pth", "load_checkpoint", "load_pretrained", "load_released",
+__all__ = ["build_from_parts", "export_pth", "export_quantized", "load_checkpoint", "load_pretrained", "load_released",
            "load_visual_rwkv", "read_recipe", "read_weights", "save_pretrained"]  # fmt: skip

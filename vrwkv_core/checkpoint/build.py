@@ -24,6 +24,7 @@ from vrwkv_core.hub import resolve
 from vrwkv_core.model.families import family, family_of_state_dict, lm_config_from_state_dict
 from vrwkv_core.model.projector import build_projector
 from vrwkv_core.model.rwkv.layers import RWKVLanguageModel
+from vrwkv_core.model.rwkv.quant import dense_view, finish_loading, is_quant_key, quantized_layout
 from vrwkv_core.model.vision import build_featurizer, featurizer_attr
 from vrwkv_core.model.visual_rwkv import VisualRWKV
 
@@ -54,26 +55,43 @@ def assign_weights(
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tensors = {}
     for name, t in sd.items():
+        if is_quant_key(name):  # codes and scales keep their stored dtypes, and stay mmap'd (no copy:
+            tensors[name] = t.to(device=device, dtype=expected_dtype(model, name))  # their kernels do not care)
+            continue
         if not t.is_floating_point():
             raise CheckpointError(f"{source}: {name} has dtype {t.dtype}, expected a float tensor")
-        tensors[name] = aligned(t.to(device=device, dtype=dtype))
+        t = t.to(device=device, dtype=dtype)
+        # the embedding is only gathered from (no MKL product): left mmap'd, only the rows a
+        # prompt uses become resident (65536 x 768 fp32 is 200 MB)
+        tensors[name] = t if name == "emb.weight" else aligned(t)
     model.load_state_dict(tensors, strict=True, assign=True)
+    if getattr(model, "quant", None):
+        finish_loading(model)
     model.cfg = replace(model.cfg, checkpoint=source if source != "<state dict>" else None)
     return model.eval()
+
+
+def expected_dtype(model: nn.Module, name: str) -> torch.dtype:
+    """The dtype the (meta-built) model holds tensor `name` in."""
+    module, leaf = name.rsplit(".", 1)
+    return model.get_submodule(module)._buffers[leaf].dtype
 
 
 def lm_from_state_dict(
     cls: type[RWKVLanguageModel], sd: Mapping[str, torch.Tensor], source: str = "<state dict>",
     device: torch.device | str | None = None, dtype: torch.dtype | None = None,
 ) -> Any:
-    """`RWKV7/RWKV6.from_state_dict`: an LM of class `cls` holding exactly `sd` (strict)."""
-    cfg, lora = cls.config_from_state_dict(sd, source)
-    return assign_weights(cls(cfg, lora, init=False), sd, source, cls.label, device, dtype)  # type: ignore[call-arg]
+    """`RWKV7/RWKV6.from_state_dict`: an LM of class `cls` holding exactly `sd` (strict); a
+    quantized state dict (from `save` of a quantized LM) loads as that quantized LM."""
+    cfg, lora = cls.config_from_state_dict(dense_view(sd), source)
+    model = cls(cfg, lora, init=False)  # type: ignore[call-arg]
+    quantized_layout(model, {k: tuple(t.shape) for k, t in sd.items()})
+    return assign_weights(model, sd, source, cls.label, device, dtype)
 
 
 def lora_of(sd: Mapping[str, torch.Tensor], source: str, prefix: str = "rwkv.") -> Any:
     """LoRA widths of the LM tensors in `sd` (None when there is no LM to read them from)."""
-    lm = lm_part(sd, prefix)
+    lm = dense_view(lm_part(sd, prefix))
     if "emb.weight" not in lm:
         return None
     return lm_config_from_state_dict(lm, source)[1]
@@ -103,6 +121,9 @@ def assign_state(
     expected = model.state_dict()
     tensors = {}
     for name, t in sd.items():
+        if is_quant_key(name):  # codes and scales keep their stored dtypes, and stay mmap'd
+            tensors[name] = t.to(device=device, dtype=expected[name].dtype)
+            continue
         want_float = expected[name].is_floating_point()
         if want_float != t.is_floating_point():
             raise CheckpointError(f"{source}: {name} has dtype {t.dtype}, expected a {expected[name].dtype} tensor")
@@ -110,6 +131,9 @@ def assign_state(
     model.load_state_dict(tensors, strict=True, assign=True)
     if materialize and device.type != "meta":
         materialize_buffers(model, device, dtype)
+    lm = getattr(model, "rwkv", None)
+    if lm is not None and getattr(lm, "quant", None) and device.type != "meta":
+        finish_loading(lm)
 
 
 def _rebuild_part(model: VisualRWKV, part: str) -> torch.nn.Module:

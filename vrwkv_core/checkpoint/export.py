@@ -3,6 +3,11 @@ family, or the LM alone as an RWKV-LM `.pth` (names without `rwkv.`) that the `r
 
     export_pth("out/tiny/finetune", "tiny.pth")                   # our dir -> released layout
     export_pth("out/tiny/finetune", "tiny-lm.pth", lm_only=True)  # RWKV-LM layout
+    export_quantized("out/tiny/finetune", "int8", "out/tiny-int8")  # a quantized model dir
+
+A quantized dir stores each quantized matrix as its codes and scales (`QuantLinear`'s
+portable tensors: nothing packed for one CPU or torch version); loading it builds the
+kernel layout from them without ever making the fp32 matrices.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import torch
 
 from vrwkv_core.checkpoint.build import build_meta, lora_of
 from vrwkv_core.checkpoint.formats import FORMATS
-from vrwkv_core.checkpoint.ours import CONFIG, WEIGHTS, read_recipe
+from vrwkv_core.checkpoint.load import load_checkpoint
+from vrwkv_core.checkpoint.ours import CONFIG, WEIGHTS, read_recipe, save_pretrained
 from vrwkv_core.checkpoint.tensors import check_names, lm_part, read_safetensors
 from vrwkv_core.errors import CheckpointError
 from vrwkv_core.fsutil import atomic_path
+from vrwkv_core.model.rwkv.quant import FORMATS as QUANT_FORMATS, HEAD_DEFAULT, quantize_lm
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -65,3 +72,18 @@ def export_pth(
     del sd
     _write_pth(tensors, out)
     return {"path": out, "tensors": len(tensors), "bytes": out.stat().st_size, "dtype": str(dtype).replace("torch.", "")}
+
+
+def export_quantized(model: str | Path, fmt: str, out_dir: str | Path, head: str | None = None) -> dict[str, Any]:
+    """Writes `model` (our dir, a released `.pth`, `hub:NAME`) with its language model quantized
+    to `fmt` (fp16, int8, int4; the head in `head`, default as `quantize`) as a model dir
+    (config.yaml + model.safetensors). Returns {path, tensors, bytes, quant}."""
+    if fmt not in QUANT_FORMATS:
+        raise CheckpointError(f"quantization {fmt!r} is not one of {', '.join(QUANT_FORMATS)}")
+    vlm, recipe = load_checkpoint(model, device="cpu", dtype=torch.float32)
+    if getattr(vlm.rwkv, "quant", None):
+        raise CheckpointError(f"{model}: already quantized ({vlm.rwkv.quant})")
+    quantize_lm(vlm.rwkv, fmt, head or HEAD_DEFAULT[fmt], lora=False)
+    out = save_pretrained(vlm, out_dir, recipe)
+    weights = out / WEIGHTS
+    return {"path": out, "tensors": len(vlm.state_dict()), "bytes": weights.stat().st_size, "quant": fmt}

@@ -27,6 +27,7 @@ from vrwkv_core.config import ModelSection, Recipe, recipe_from_dict
 from vrwkv_core.errors import CheckpointError
 from vrwkv_core.hub import resolve
 from vrwkv_core.model.rwkv.layers import RWKVLanguageModel
+from vrwkv_core.model.rwkv.quant import quantized_layout
 from vrwkv_core.model.visual_rwkv import VisualRWKV
 
 
@@ -44,6 +45,7 @@ def load_ours(
 ) -> VisualRWKV:
     """A VisualRWKV for `model_cfg` holding exactly `sd` (our names), in eval mode."""
     model = build_meta(model_cfg, lora_of(sd, source))
+    quantized_layout(model.rwkv, {k: tuple(t.shape) for k, t in sd.items()}, prefix="rwkv.")
     check_names({k: tuple(t.shape) for k, t in model.state_dict().items()}, {k: tuple(t.shape) for k, t in sd.items()}, source)
     assign_state(model, sd, source, device, dtype)
     return model.eval()

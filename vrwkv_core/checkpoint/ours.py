@@ -60,6 +60,8 @@ def save_pretrained(model: VisualRWKV, out_dir: str | Path, recipe: Recipe) -> P
         "tokens_per_image": str(cfg.tokens_per_image),
         "model_config": json.dumps(recipe_to_dict(recipe)["model"]),
     }
+    if getattr(model.rwkv, "quant", None):  # the tensor names say it too; this is for people
+        meta["quant"], meta["quant_head"] = model.rwkv.quant, model.rwkv.quant_head
     # Both temp files are written before either is renamed in; the weights go in first.
     with atomic_path(out / CONFIG) as c_tmp, atomic_path(out / WEIGHTS) as w_tmp:
         save_file(tensors, str(w_tmp), metadata=meta)

@@ -181,7 +181,11 @@ def prefill(
 
 @torch.no_grad()
 def decode_step(lm: torch.nn.Module, tokens: torch.Tensor, state: RWKVState) -> tuple[torch.Tensor, RWKVState]:
-    """Feeds one token per row ([B] ids) from `state`: (next logits [B, V] float32, state)."""
+    """Feeds one token per row ([B] ids) from `state`: (next logits [B, V] float32, state).
+    Through the LM's CUDA graphs when `infer.cuda_graph.enable_cuda_graphs` gave it some."""
+    graphs = lm.__dict__.get("cuda_graphs")
+    if graphs is not None:
+        return graphs.step(tokens, state)
     out, state = lm(tokens.view(-1, 1).to(_device(lm)), state=state, logits="last")
     return out[:, -1].float(), state
 

@@ -8,7 +8,10 @@
 
 Device "auto" is CUDA when available, else CPU; dtype "auto" is bf16 on CUDA, fp32 on CPU.
 On CPU the language model gets `optimize_for_inference()` (its decoding layout: ~1.2x
-faster fp32 decoding, same values; saving and training still work).
+faster fp32 decoding, same values; saving and training still work). `quant` (fp16, int8,
+int4) quantizes the language model's weights (`vrwkv_core.infer.quantize`); a dir written
+by `vrwkv export --quant` loads already quantized (its format wins; a different `quant` is
+an error).
 
     vlm = load_model("out/tiny/finetune", device="cpu")
 """
@@ -25,6 +28,7 @@ from vrwkv_core.checkpoint.adapters import apply_adapter
 from vrwkv_core.errors import CheckpointError, VrwkvError
 from vrwkv_core.hub import resolve
 from vrwkv_core.model.rwkv.state import RWKVState
+from vrwkv_core.infer.quantize import quantize
 
 if TYPE_CHECKING:
     from vrwkv_core.model.visual_rwkv import VisualRWKV
@@ -67,13 +71,15 @@ def load_model(
     adapter: str | Path | None = None,
     state: str | Path | None = None,
     merge_adapter: bool = False,
+    quant: str | None = None,
 ) -> VisualRWKV:
     """A ready-to-run VisualRWKV (eval mode) for a dir, a checkpoint file or a registry name;
     `wkv_backend` overrides the model's `model.rwkv.wkv_backend` (None keeps it).
 
     `adapter`: a peft run dir trained on this model (checked by sha256), applied without
     merging unless `merge_adapter`; `state`: a state file (`state.safetensors`) that every
-    prompt starts from."""
+    prompt starts from; `quant` (fp16, int8, int4; None: as stored) quantizes the language
+    model's weights."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = Path(str(spec)).expanduser()
@@ -96,6 +102,11 @@ def load_model(
             raise VrwkvError(f"--wkv-backend: {err}") from None
     if dev.type == "cpu":
         vlm.rwkv.optimize_for_inference()
+    stored = getattr(vlm.rwkv, "quant", None)
+    if quant is not None and stored is not None and quant != stored:
+        raise VrwkvError(f"--quant {quant}: {spec} is stored quantized as {stored}", hint=f"use --quant {stored} or none")
+    if quant is not None and stored is None:
+        quantize(vlm, quant)
     return vlm
 
 

@@ -47,10 +47,12 @@ def serve(
     max_image_mb: float = 20,
     max_context: int = 8192,
     prefill_pad: bool = True,
+    load_options: dict[str, Any] | None = None,
     say: Callable[[str], None] = print,
 ) -> None:
     """Serves `model` until Ctrl-C / SIGTERM; `prefill_pad`: pad each conversation's first prefill
-    as `chat` does (a new question about a cached image then hits the cache only when its pad matches)."""
+    as `chat` does (a new question about a cached image then hits the cache only when its pad matches);
+    `load_options`: more `load_model` arguments (quant, adapter, state, merge_adapter, wkv_backend)."""
     if max_batch < 1 or max_queue < 0 or max_context < 1 or state_cache_mb < 0 or max_image_mb <= 0:
         raise VrwkvError("--max-batch and --max-context must be >= 1; --max-queue, --state-cache-mb >= 0; --max-image-mb > 0")
     root = None
@@ -60,7 +62,7 @@ def serve(
             raise VrwkvError(f"--image-root {root}: not a directory")
     bind = resolve_host(host, api_key, say)
     say(f"loading {model} ...")
-    vlm = load_model(model, device=device, dtype=dtype)
+    vlm = load_model(model, device=device, dtype=dtype, **(load_options or {}))
     metrics = Metrics()
     engine = Engine(vlm, default_tokenizer(), max_batch=max_batch, max_queue=max_queue,
                     state_cache_mb=state_cache_mb, metrics=metrics)  # fmt: skip

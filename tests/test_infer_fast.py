@@ -1,0 +1,68 @@
+"""Fast decoding paths: batch-independent greedy answers (every weight format), the optional
+fla WKV backend (a clear error without it), CUDA-graph decoding (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vrwkv_core import RWKV7, quantize
+from vrwkv_core.bench.lm import random_rwkv7_weights
+from vrwkv_core.config import RWKVSection
+from vrwkv_core.errors import VrwkvError
+from vrwkv_core.infer.cuda_graph import CudaGraphDecoder, enable_cuda_graphs
+from vrwkv_core.infer.generate import decode_step
+from vrwkv_core.kernels import wkv7
+from vrwkv_core.kernels.wkv7 import fla
+
+CFG = RWKVSection(n_layer=2, n_embd=128, head_size=64, vocab_size=300)
+
+
+def _greedy(lm, prompts: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy tokens [B, steps] of each row decoded together."""
+    out, state = lm(prompts, logits="last")
+    tokens, seq = out[:, -1].argmax(-1), []
+    for _ in range(steps):
+        seq.append(tokens)
+        logits, state = decode_step(lm, tokens, state)
+        tokens = logits.argmax(-1)
+    return torch.stack(seq, 1)
+
+
+@pytest.mark.parametrize("fmt", [None, "fp16", "int8", "int4"])
+@torch.no_grad()
+def test_greedy_rows_decode_the_same_alone_and_in_a_batch(fmt):
+    lm = RWKV7.from_state_dict(random_rwkv7_weights(CFG, seed=2)).eval().optimize_for_inference()
+    if fmt:
+        quantize(lm, fmt)
+    prompts = torch.randint(0, 300, (4, 6), generator=torch.Generator().manual_seed(0))
+    together = _greedy(lm, prompts, 12)
+    alone = torch.cat([_greedy(lm, prompts[i : i + 1], 12) for i in range(4)])
+    assert torch.equal(together, alone)
+
+
+def test_the_fla_backend_is_lazy_and_its_absence_one_clear_error():
+    x = torch.zeros(1, 2, 1, 64)
+    if not fla.is_available():
+        with pytest.raises(VrwkvError, match="needs flash-linear-attention"):
+            fla._chunk_rwkv7()
+    with pytest.raises(VrwkvError, match="CUDA tensors only"):
+        wkv7(x, x - 0.1, x, x, x, x, backend="fla")
+    assert "fla" in RWKV7.wkv_backends
+
+
+def test_cuda_graphs_change_nothing_on_cpu():
+    lm = RWKV7.from_state_dict(random_rwkv7_weights(CFG)).eval()
+    assert enable_cuda_graphs(lm) is None and "cuda_graphs" not in lm.__dict__
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.no_grad()
+def test_graph_decode_equals_eager_decode_on_gpu():
+    lm = RWKV7.from_state_dict(random_rwkv7_weights(CFG), device="cuda", dtype=torch.float32).eval()
+    prompts = torch.randint(0, 300, (3, 5), generator=torch.Generator().manual_seed(0)).cuda()
+    eager = _greedy(lm, prompts, 8)
+    assert isinstance(enable_cuda_graphs(lm), CudaGraphDecoder)
+    graph = _greedy(lm, prompts, 8)
+    assert torch.equal(graph, eager) and 3 in lm.cuda_graphs.graphs

@@ -1,0 +1,206 @@
+"""quantize(model, fmt): each format against fp32 on random small LMs (RWKV-7 and RWKV-6), the
+int4 scale search against plain rounding, save/load and export round trips, and the trained
+tiny model's shapes answers under fp16/int8/int4."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import build_tiny_vlm
+
+from vrwkv_core import RWKV6, RWKV7, quantize
+from vrwkv_core.bench.lm import random_rwkv7_weights
+from vrwkv_core.bench.lm6 import random_rwkv6_weights
+from vrwkv_core.checkpoint import export_quantized
+from vrwkv_core.config import RWKVSection
+from vrwkv_core.errors import VrwkvError
+from vrwkv_core.infer.loading import load_model
+from vrwkv_core.model.rwkv.quant import QuantLinear, quantize_int4, unpack_int4
+
+CFG = RWKVSection(n_layer=2, n_embd=256, head_size=64, vocab_size=1000)
+# relative logit error ||l - l_fp32|| / ||l_fp32|| on random weights (which exaggerate it)
+BOUNDS = {"fp16": 2e-3, "int8": 4e-2, "int4": 0.3}
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x - ref).norm() / ref.norm())
+
+
+def _lms():
+    return {
+        "x070": (RWKV7, random_rwkv7_weights(CFG, seed=3)),
+        "x060": (RWKV6, random_rwkv6_weights(RWKVSection(version="x060", n_layer=2, n_embd=256, head_size=64,
+                                                         vocab_size=1000), seed=3)),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["x070", "x060"])
+@torch.no_grad()
+def test_each_format_stays_near_fp32_and_decodes_like_its_forward(family):
+    cls, sd = _lms()[family]
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref, _ = cls.from_state_dict(sd).eval()(ids)
+    errs = {}
+    for fmt, bound in BOUNDS.items():
+        model = quantize(cls.from_state_dict(sd).eval(), fmt)
+        assert model.quant == fmt and isinstance(model.head, QuantLinear)
+        assert model.emb.weight.dtype == torch.float32  # embeddings stay full precision
+        out, _ = model(ids)
+        errs[fmt] = _rel(out, ref)
+        assert errs[fmt] < bound, (fmt, errs[fmt])
+        # the single-token step path gives the forward's logits (same quantized weights)
+        _, state = model(ids[:, :11])
+        step, _ = model(ids[:, 11:], state=state)
+        assert _rel(step[:, 0], out[:, 11]) < 1e-2
+    assert errs["fp16"] < errs["int8"] < errs["int4"]
+
+
+def test_int4_scales_beat_plain_rounding_and_the_kernel_matches_the_codes():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 512, generator=g) * torch.rand(256, 1, generator=g)  # uneven row scales
+    w[3, 7] = 8.0  # an outlier, as trained weights have
+    q, s, off = quantize_int4(w, 128)
+    codes = unpack_int4(q).float().view(256, 4, 128)
+    ours = ((codes - 8) * s.float()[..., None] + off.float()[..., None]).view(256, 512)
+    wg = w.view(256, 4, 128)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    plain = (((wg - lo) / ((hi - lo) / 15)).round() * ((hi - lo) / 15) + lo).view(256, 512)
+    assert (ours - w).norm() < 0.97 * (plain - w).norm()
+    layer = QuantLinear.from_linear(w, "int4", 128)
+    x = torch.randn(3, 512, generator=g)
+    with torch.no_grad():
+        y = layer(x)  # the packed CPU kernel (bf16 activations)
+    assert _rel(y, x @ ours.t()) < 1e-2
+    assert layer.dequantized().equal(ours)
+
+
+def test_quantize_rejects_unknown_formats_and_twice():
+    model = RWKV7.from_state_dict(random_rwkv7_weights(CFG))
+    with pytest.raises(VrwkvError, match="unknown quantization 'int3'"):
+        quantize(model, "int3")
+    quantize(model, "int8")
+    with pytest.raises(VrwkvError, match="already quantized"):
+        quantize(model, "int4")
+
+
+@torch.no_grad()
+def test_a_visual_rwkv_keeps_its_towers_and_a_bf16_model_keeps_its_scales():
+    vlm = quantize(build_tiny_vlm(), "int4")
+    assert isinstance(vlm.rwkv.blocks[0].ffn.key, QuantLinear)
+    assert not any(isinstance(m, QuantLinear) for m in vlm.vit.modules())
+    vlm.to(torch.bfloat16)  # the model's dtype changes; the stored codes and scales do not
+    key = vlm.rwkv.blocks[0].ffn.key
+    assert key.scales.dtype == key.offsets.dtype == torch.bfloat16 and key.qweight.dtype == torch.uint8
+    assert vlm.rwkv.head.fmt == "fp16" and vlm.rwkv.head.weight16.dtype == torch.float16  # int4's default head
+    out, _ = vlm.rwkv(torch.tensor([[1, 2, 3]]))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])
+@torch.no_grad()
+def test_a_quantized_lm_saves_and_loads_bit_exactly(fmt, tmp_path):
+    model = quantize(RWKV7.from_state_dict(random_rwkv7_weights(CFG)).eval(), fmt)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    ref, _ = model(ids)
+    model.save(tmp_path / "q.safetensors")
+    back = RWKV7.from_checkpoint(tmp_path / "q.safetensors")
+    assert back.quant == fmt and type(back.blocks[1].att.key) is QuantLinear
+    assert back.blocks[1].att.key.fmt == fmt
+    out, _ = back(ids)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_export_int8_dir_loads_quantized_smaller_and_equal(tiny_trained, tmp_path):
+    src = tiny_trained["finetune"]
+    info = export_quantized(src, "int8", tmp_path / "int8")
+    assert info["bytes"] < (src / "model.safetensors").stat().st_size
+    loaded = load_model(tmp_path / "int8", device="cpu")
+    assert loaded.rwkv.quant == "int8" and loaded.rwkv.blocks[0].att.key.qweight.dtype == torch.int8
+    in_memory = load_model(src, device="cpu", quant="int8")
+    ids = torch.tensor([[11, 12, 13, 14, 15]])
+    a, _ = loaded.rwkv(ids)
+    b, _ = in_memory.rwkv(ids)
+    assert torch.equal(a, b)
+    with pytest.raises(VrwkvError, match="stored quantized as int8"):
+        load_model(tmp_path / "int8", device="cpu", quant="int4")
+
+
+@pytest.mark.slow
+def test_the_trained_tiny_model_answers_shapes_alike_in_every_format(tiny_trained, tmp_path):
+    """The tiny model is barely trained: compare each format's answers and accuracy with fp32's
+    rather than expecting a high score (24 questions: one answer is ~4 points)."""
+    from vrwkv_core.eval.generate import run_eval
+
+    data, model = tiny_trained["data"], tiny_trained["finetune"]
+    reports = {}
+    for fmt in (None, "fp16", "int8", "int4"):
+        reports[fmt] = run_eval(str(model), "shapes", data, tmp_path / str(fmt), batch_size=4, device="cpu",
+                                max_new_tokens=8, quant=fmt)  # fmt: skip
+    acc = {fmt: r.score.accuracy for fmt, r in reports.items()}
+    answers = {fmt: [json.loads(line)["text"] for line in r.merged.read_text().splitlines()]
+               for fmt, r in reports.items()}  # fmt: skip
+    print("shapes accuracy per format:", acc)
+    assert answers["fp16"] == answers[None]  # within 0.5 points: the same answers
+    assert abs(acc["int8"] - acc[None]) <= 0.01 + 1e-9
+    assert abs(acc["int4"] - acc[None]) <= 0.03 + 1e-9 or sum(
+        a != b for a, b in zip(answers["int4"], answers[None])) <= 1  # fmt: skip
+
+
+@torch.no_grad()
+def test_vrwkv_export_quant_writes_a_dir_that_loads_quantized(tmp_path, capsys):
+    from helpers import perturbed_vlm
+
+    from vrwkv_cli.main import run
+    from vrwkv_core.checkpoint.ours import save_pretrained
+    from vrwkv_core.config import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml")
+    save_pretrained(perturbed_vlm(recipe.model, seed=0), tmp_path / "model", recipe)
+    assert run(["export", str(tmp_path / "model"), "--quant", "int4", "--out", str(tmp_path / "q")]) == 0
+    assert "int4 language model" in " ".join(capsys.readouterr().out.split())
+    vlm = load_model(tmp_path / "q", device="cpu")
+    assert vlm.rwkv.quant == "int4" and vlm.rwkv.blocks[0].att.key.fmt in ("int4", "int8")
+    ref = load_model(tmp_path / "model", device="cpu", quant="int4")
+    ids = torch.tensor([[3, 4, 5]])
+    assert torch.equal(vlm.rwkv(ids)[0], ref.rwkv(ids)[0])
+    # --quant writes a dir: a .pth target is one clear error, nothing written
+    assert run(["export", str(tmp_path / "model"), "--quant", "int8", "--out", str(tmp_path / "x.pth")]) == 2
+    assert "--quant writes a model dir" in " ".join(capsys.readouterr().err.split()) and not (tmp_path / "x.pth").exists()
+
+
+@pytest.mark.slow
+def test_lm_bench_rows_for_formats_batch_and_memory():
+    """run_lm_bench with quantized formats, a batch row and RSS, on a tiny config (in a child
+    process: it imports the rwkv package, which reads its environment once)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    pytest.importorskip("rwkv")
+    code = textwrap.dedent(
+        """
+        import json
+        from vrwkv_core.bench.lm import run_lm_bench
+        from vrwkv_core.config import RWKVSection
+        cfg = RWKVSection(n_layer=2, n_embd=128, head_size=64, vocab_size=512)
+        rows = run_lm_bench(threads=1, T=16, decode_tokens=3, repeats=1, cfg=cfg, quant=["fp16", "int4"], batch=2,
+                            rss=True, quality_steps=4)
+        print(json.dumps(rows))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_")}
+    done = subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True, timeout=600)
+    rows = {(r["model"], r["phase"]): r for r in json.loads(done.stdout.strip().splitlines()[-1])}
+    assert set(rows) == {(m, p) for m in ("vrwkv", "vrwkv-fp16", "vrwkv-int4", "rwkv-pkg") for p in ("prefill", "decode")} | {
+        ("vrwkv-b2", "decode"), ("vrwkv-b2-packed", "decode")}  # fmt: skip
+    assert rows[("vrwkv-fp16", "decode")]["logit_rel_err"] < 1e-2 and rows[("vrwkv-fp16", "decode")]["top1_agree"] == 1.0
+    assert 0 < rows[("vrwkv-int4", "decode")]["logit_rel_err"] < 1.0
+    for m in ("vrwkv", "vrwkv-fp16", "vrwkv-int4"):
+        assert rows[(m, "decode")]["peak_rss_mb"] > rows[(m, "decode")]["lm_peak_mb"] > 0
+    assert rows[("vrwkv-int4", "decode")]["bytes_per_token"] < rows[("vrwkv", "decode")]["bytes_per_token"]
