@@ -55,8 +55,9 @@ def assign_weights(
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tensors = {}
     for name, t in sd.items():
-        if is_quant_key(name):  # codes and scales keep their stored dtypes, and stay mmap'd (no copy:
-            tensors[name] = t.to(device=device, dtype=expected_dtype(model, name))  # their kernels do not care)
+        if is_quant_key(name):  # codes and scales keep their stored dtypes; aligned, as torch's packed
+            # int8 kernel reads them with aligned vector loads (a file-offset tensor crashed it)
+            tensors[name] = aligned(t.to(device=device, dtype=expected_dtype(model, name)))
             continue
         if not t.is_floating_point():
             raise CheckpointError(f"{source}: {name} has dtype {t.dtype}, expected a float tensor")
@@ -121,8 +122,8 @@ def assign_state(
     expected = model.state_dict()
     tensors = {}
     for name, t in sd.items():
-        if is_quant_key(name):  # codes and scales keep their stored dtypes, and stay mmap'd
-            tensors[name] = t.to(device=device, dtype=expected[name].dtype)
+        if is_quant_key(name):  # codes and scales keep their stored dtypes (aligned: see assign_weights)
+            tensors[name] = aligned(t.to(device=device, dtype=expected[name].dtype))
             continue
         want_float = expected[name].is_floating_point()
         if want_float != t.is_floating_point():
