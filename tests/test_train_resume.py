@@ -95,7 +95,7 @@ def landed(out: Path, step: int) -> bool:
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
-    from vrwkv_core.checkpoint import read_safetensors
+    from vrwkv_core.checkpoint.tensors import read_safetensors
 
     return read_safetensors(out / "model.safetensors")
 
