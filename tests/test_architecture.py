@@ -22,7 +22,7 @@ HANDOVER = "the one way into checkpoint/"  # the comment that marks the allowed 
 
 # Layers, lowest first: a module may import its own layer and lower ones only.
 LAYERS = [
-    {"errors", "fsutil", "textio", "paths", "progress", "config", "tokenizer", "hub"},
+    {"errors", "fsutil", "textio", "paths", "progress", "config", "recipe_schema", "tokenizer", "hub"},
     {"kernels"},
     {"model"},
     {"data"},
