@@ -18,7 +18,7 @@ from vrwkv_core.errors import RecipeError, VrwkvError
 from vrwkv_core.infer.chat import ChatSession
 from vrwkv_core.infer.loading import load_model
 from vrwkv_core.kernels import BACKENDS
-from vrwkv_core.model import FAMILIES, RWKV6, RWKV7, VisualRWKV, family, family_of_state_dict
+from vrwkv_core.model import FAMILIES, RWKV6, RWKV7, family, family_of_state_dict
 from vrwkv_core.model.families import lm_config_from_state_dict
 
 TINY7 = RWKVSection(n_layer=2, n_embd=64, head_size=32, vocab_size=300)
@@ -93,4 +93,3 @@ def test_chat_tiles_each_image_once(monkeypatch, tokenizer) -> None:
     chat.reset()
     "".join(chat.ask("And now?", max_new_tokens=2))  # the kept image is queued again
     assert views == [(40, 30)]
-    assert isinstance(vlm, VisualRWKV)

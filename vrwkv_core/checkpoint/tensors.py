@@ -174,10 +174,3 @@ def check_vocab(rows: int, source: str) -> None:
 def lm_part(sd: Mapping[str, torch.Tensor], prefix: str = "rwkv.") -> dict[str, torch.Tensor]:
     """The LM tensors of a VisualRWKV state dict, without their prefix."""
     return {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
-
-
-def state_dict_summary(sd: dict[str, Any]) -> str:
-    """A one-line description of a state dict (for error messages)."""
-    n = sum(t.numel() for t in sd.values() if isinstance(t, torch.Tensor))
-    return f"{len(sd)} tensors, {n / 1e6:.1f}M values"
-

@@ -190,7 +190,8 @@ def decode_step(lm: torch.nn.Module, tokens: torch.Tensor, state: RWKVState) -> 
     return out[:, -1].float(), state
 
 
-def _take(token: int, tokens: list[int], text: TextAssembler, stops: set[int], max_new: int) -> tuple[str, str | None]:
+def take_token(token: int, tokens: list[int], text: TextAssembler, stops: set[int],
+               max_new: int) -> tuple[str, str | None]:
     """One sampled token into an answer: (text now shown, finish reason or None to go on).
 
     A stop token ends the answer unrecorded; any other token is recorded, then a stop
@@ -204,8 +205,6 @@ def _take(token: int, tokens: list[int], text: TextAssembler, stops: set[int], m
         return piece, "stop_string"
     return piece, "length" if len(tokens) >= max_new else None
 
-
-take_token = _take  # the public name, for schedulers outside this module (vrwkv_core.serve)
 
 
 class Generation:
@@ -293,7 +292,7 @@ class Generation:
             token = int(self.sampler(logits)[0])
             if self._ttft is None:
                 self._ttft = time.perf_counter() - self.t_start
-            piece, reason = _take(token, self.tokens, self.text, stops, cfg.max_new_tokens)
+            piece, reason = take_token(token, self.tokens, self.text, stops, cfg.max_new_tokens)
             if piece:
                 yield piece
             if reason == "stop_token":
@@ -433,7 +432,7 @@ def generate_many(
             for j, (row, token) in enumerate(zip(rows, tokens.tolist())):
                 if row.ttft is None:
                     row.ttft = now - row.t_start
-                _, reason = _take(token, row.tokens, row.text, stops, cfg.max_new_tokens)
+                _, reason = take_token(token, row.tokens, row.text, stops, cfg.max_new_tokens)
                 if reason is None:
                     keep.append(j)
                 else:
