@@ -208,9 +208,7 @@ def _print_table(result: Any, answers: Path) -> None:
         table.add_row("submission", str(result.details["submission"]))
         table.add_row("ids written", str(result.details["written"]))
     console.print(table)
-    # per-category figures: POPE's at the top level, shapes' under "categories" (each with count and accuracy)
-    found = {**result.details, **(result.details.get("categories") or {})}
-    categories = {k: v for k, v in found.items() if isinstance(v, dict) and {"count", "accuracy"} <= set(v)}
+    categories = _per_category(result.details)
     if categories:
         cat_table = Table(title="per category")
         # POPE has all these columns; shapes only count and accuracy
@@ -235,6 +233,17 @@ def _cell(key: str, x: Any) -> str:
     return _pct(x) if isinstance(x, float) or x is None else str(x)
 
 
+def _is_category(v: Any) -> bool:
+    return isinstance(v, dict) and {"count", "accuracy"} <= set(v)
+
+
+def _per_category(details: dict) -> dict:
+    """Per-category figures (each with count and accuracy): POPE's at the top level, shapes'
+    under "categories"; `_print_table` shows them, `_print_more` leaves them out."""
+    found = {**details, **(details.get("categories") or {})}
+    return {k: v for k, v in found.items() if _is_category(v)}
+
+
 def _print_more(result: Any) -> None:
     """The other benchmark-specific figures: scalars in one table, each group (MME subtasks,
     MMBench categories, VizWiz answer types) in its own."""
@@ -251,8 +260,8 @@ def _print_more(result: Any) -> None:
             table.add_row(k, _cell(k, v))
         console.print(table)
     for name, group in result.details.items():
-        if not isinstance(group, dict) or not group or "f1" in group:
-            continue
+        if not isinstance(group, dict) or not group or _is_category(group) or all(map(_is_category, group.values())):
+            continue  # shown in the per-category table
         first = next(iter(group.values()))
         columns = list(first) if isinstance(first, dict) else ["accuracy"]
         table = Table(title=name)
