@@ -21,6 +21,9 @@ from vrwkv_core.textio import read_text
 from vrwkv_core.recipe_schema import (  # the schema, re-exported: `from vrwkv_core.config import Recipe`
     RWKV_VERSIONS,
     WKV_BACKENDS,
+    CLIP_GRID,
+    CLIP_GRID_SIZES,
+    clip_tokens,
     RWKVSection,
     TinyTowerSection,
     TowerFilesSection,
@@ -61,6 +64,7 @@ _RANGES: dict[str, tuple[float, bool, float | None, bool]] = {
     "model.rwkv.vocab_size": (1, True, None, False),
     "model.rwkv.dim_ffn": (1, True, None, False),
     "model.vision.image_size": (1, True, None, False),
+    "model.vision.grid_size": (-1, True, None, False),
     "model.vision.tiny.width": (1, True, None, False),
     "model.vision.tiny.depth": (1, True, None, False),
     "model.vision.tiny.heads": (1, True, None, False),
@@ -139,10 +143,17 @@ def _validate(recipe: Recipe, source: str) -> None:
     if rw.n_embd % rw.head_size:
         raise bad("model.rwkv.n_embd", f"{rw.n_embd} is not a multiple of head_size {rw.head_size}")
     side = round(recipe.model.tokens_per_image**0.5)
+    grid = recipe.model.vision.grid_size
     if "clip" in recipe.model.vision.towers:
-        # CLIP (v6.0) is not pooled: its 24x24 patch rows plus the CLS row.
-        if recipe.model.tokens_per_image != 577:
-            raise bad("model.tokens_per_image", "the clip tower gives 577 tokens (576 patches + CLS)")
+        # CLIP (v6.0): its 24x24 patch rows (or v6.0's grid pooling of them) plus the CLS row.
+        if grid not in CLIP_GRID_SIZES:
+            raise bad("model.vision.grid_size", f"{grid} does not divide the clip tower's 24x24 patch grid; "
+                                                f"choose one of {', '.join(map(str, CLIP_GRID_SIZES))}")
+        if recipe.model.tokens_per_image != clip_tokens(grid):
+            raise bad("model.tokens_per_image", f"the clip tower with model.vision.grid_size {grid} gives "
+                                                f"{clip_tokens(grid)} tokens, not {recipe.model.tokens_per_image}")
+    elif grid != -1:
+        raise bad("model.vision.grid_size", f"{grid}: only the clip tower (v6.0) pools by grid; leave it at -1")
     elif side * side != recipe.model.tokens_per_image:
         raise bad("model.tokens_per_image", f"{recipe.model.tokens_per_image} is not a square number")
     for tower in recipe.model.vision.towers:

@@ -10,6 +10,17 @@ from typing import Optional
 
 RWKV_VERSIONS = ("x070", "x060")  # the LM families (vrwkv_core.model.families.FAMILIES)
 WKV_BACKENDS = ("auto", "reference", "chunked", "cuda", "fla")  # vrwkv_core.kernels.BACKENDS
+CLIP_GRID = 24  # the clip tower's patch grid side (336 / 14)
+CLIP_GRID_SIZES = (-1, 0, 1) + tuple(g for g in range(2, CLIP_GRID + 1) if CLIP_GRID % g == 0)
+
+
+def clip_tokens(grid_size: int) -> int:
+    """Image rows per image of the clip tower for `model.vision.grid_size` (v6.0's grid_pooling):
+    576 patches + CLS (-1), CLS (0), the patches' mean + CLS (1), g x g pooled patches + CLS (g)."""
+    if grid_size == -1:
+        return CLIP_GRID * CLIP_GRID + 1
+    return 1 if grid_size == 0 else grid_size * grid_size + 1
+
 
 @dataclass
 class RWKVSection:
@@ -77,6 +88,10 @@ class VisionSection:
     """Keep towers frozen (no grads, eval mode). Set false to train them."""
     tiling: bool = False
     """Split images larger than 896x896 into the original's least-waste grid of 448 tiles plus the global view."""
+    grid_size: int = -1
+    """The clip tower (v6.0) only: -1 = 576 patches + CLS (577 rows, the released models), 0 = CLS only,
+    1 = the patches' mean + CLS, g = g x g average-pooled patches + CLS (g divides 24);
+    `model.tokens_per_image` must equal the row count."""
     checkpoints: TowerFilesSection = field(default_factory=TowerFilesSection)
     """Tower weight files, used when building a new model from an RWKV World .pth."""
     tiny: TinyTowerSection = field(default_factory=TinyTowerSection)

@@ -2,8 +2,9 @@
 
 The vocabulary (`rwkv_vocab_v20230424.txt`, bundled) lists `id literal length` per line,
 the literal being a Python str or bytes literal; it is parsed with `ast.literal_eval`,
-which evaluates literals only. Id 0 is end-of-text and 65535 the image placeholder;
-neither is in the file and both decode to nothing.
+which evaluates literals only. Id 0 is end-of-text, 65535 the image placeholder and 65534
+the blank-image placeholder (a row of zeros: v6.0's text-only samples); none is in the file
+and all decode to nothing.
 
 Encoding walks a byte trie built from nested dicts: at each position take the longest
 vocabulary entry that matches, exactly as the reference trie tokenizer does.
@@ -20,6 +21,7 @@ from pathlib import Path
 VOCAB_FILE = "rwkv_vocab_v20230424.txt"
 END_OF_TEXT = 0
 IMAGE_TOKEN_ID = 65535
+BLANK_IMAGE_TOKEN_ID = 65534  # a zero embedding row (not in the vocabulary)
 DOUBLE_NEWLINE = 261
 
 

@@ -17,6 +17,9 @@ own (the research code does the same, so ids match its training data exactly):
   `tail_if_unlabelled` (v6.0: the last ctx_len tokens when the first hold no label; here
   moved forward to an image boundary, as the v6 patch-row reversal needs whole images).
   `EncodedConversation` says which images and tokens survived.
+- `blank_image=True` (v6.0, `Family.blank_image_rows`): a conversation with no image starts
+  with `tokens_per_image` blank placeholders `BLANK_IMAGE_TOKEN_ID` (label -100), the zero rows
+  the original feeds before a text-only sample; they count towards ctx_len like an image.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from vrwkv_core.errors import DataError
+from vrwkv_core.tokenizer import BLANK_IMAGE_TOKEN_ID, IMAGE_TOKEN_ID
 
 IMAGE_MARKER = "<image>"
-IMAGE_TOKEN_ID = 65535
 IGNORE_INDEX = -100
 STOP_TOKEN_ID = 261  # "\n\n"
 PAD_TOKEN_ID = 0
@@ -177,6 +180,7 @@ def encode_conversation_info(
     ctx_len: int | None = None,
     image_position: str = "first",
     truncation: str = "whole_images",
+    blank_image: bool = False,
 ) -> EncodedConversation:
     """Encode a LLaVA conversation; see the module docstring for the rules."""
     turns = normalize_conversations(conversations, image_position)
@@ -184,6 +188,9 @@ def encode_conversation_info(
     ids: list[int] = []
     labels: list[int] = []
     spans: list[tuple[int, int]] = []
+    if blank_image and not any(IMAGE_MARKER in t["value"] for t in turns if t["from"] == "human"):
+        ids, labels = blank_image_ids(tokens_per_image), [IGNORE_INDEX] * tokens_per_image
+    n_blank = len(ids)
     for turn in turns:
         role = turn["from"]
         text = f"{ROLE_PREFIX[role]}: {turn['value']}{TURN_END}"
@@ -201,24 +208,30 @@ def encode_conversation_info(
         raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
     if ctx_len is None or n_full <= ctx_len:
         return EncodedConversation(ids, labels, len(spans), len(spans), n_full)
+    whole = ([(0, n_blank)] if n_blank else []) + spans  # the blank rows are cut like an image
     if truncation == "tail_if_unlabelled" and all(x == IGNORE_INDEX for x in labels[:ctx_len]):
         begin = n_full - ctx_len
-        for start, end in spans:
+        for start, end in whole:
             if start < begin < end:  # whole images only (see the module docstring)
                 begin = end
         first = sum(1 for _, end in spans if end <= begin)
         return EncodedConversation(ids[begin:], labels[begin:], len(spans), len(spans) - first, n_full, first_image=first)
     cut = ctx_len
     rows = None
-    for start, end in spans:
+    for start, end in whole:
         if start < cut < end:
-            if truncation == "whole_images":  # never split an image's placeholder run
+            if truncation == "whole_images" or start < n_blank:  # never split an image's placeholder run
                 cut = start
             else:
                 rows = cut - start
             break
     kept = sum(1 for start, _ in spans if start < cut)
     return EncodedConversation(ids[:cut], labels[:cut], len(spans), kept, n_full, image_rows=rows)
+
+
+def blank_image_ids(tokens_per_image: int) -> list[int]:
+    """The blank image of a v6.0 text-only sample: `tokens_per_image` zero-row placeholders."""
+    return [BLANK_IMAGE_TOKEN_ID] * tokens_per_image
 
 
 def encode_conversation(

@@ -9,7 +9,9 @@ returning a tensor or a dict of tensors per tower.
 A bad image raises DataError naming the file; with `skip_bad_images=True` the sample
 becomes None and `collate` drops it and counts it in `batch["n_skipped"]` (never a zero
 image), so the training loop can log it on every rank. `batch["n_truncated"]` counts
-samples cut to ctx_len.
+samples cut to ctx_len. With `blank_image` (v6.0) a text-only sample starts with the zero
+rows of a blank image; `collate(align_images=True)` (v6.0) left-pads each sample with token 0
+so that every sample's first image (or blank) run starts at the same position.
 
 `ResumableSampler`'s order is a function of (seed, epoch); it shards by rank and
 counts what it yields, so `state_dict()` / `load_state_dict()` resume at the next sample.
@@ -29,7 +31,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from vrwkv_core.data.conversation import IGNORE_INDEX, PAD_TOKEN_ID, Tokenizer, encode_conversation_info
+from vrwkv_core.data.conversation import (
+    BLANK_IMAGE_TOKEN_ID,
+    IGNORE_INDEX,
+    IMAGE_TOKEN_ID,
+    PAD_TOKEN_ID,
+    Tokenizer,
+    encode_conversation_info,
+)
 from vrwkv_core.errors import DataError
 from vrwkv_core.fsutil import atomic_write_text
 from vrwkv_core.textio import inside
@@ -101,9 +110,11 @@ class VisionLanguageDataset(Dataset):
         image_position: str = "first",
         truncation: str = "whole_images",
         rejects_path: str | os.PathLike | None = None,
+        blank_image: bool = False,
     ) -> None:
         """`image_position`: where a human turn's images go (`first`, v6.0's `middle`, `last`);
-        `truncation`: see `conversation.TRUNCATIONS`.
+        `truncation`: see `conversation.TRUNCATIONS`; `blank_image`: text-only samples start with
+        a blank image's zero rows (v6.0, `Family.blank_image_rows`).
 
         Lines that cannot be used (bad JSON or UTF-8, no conversations, an image path that
         escapes `image_folder`) are skipped and listed in `self.rejects` (and written to
@@ -120,6 +131,7 @@ class VisionLanguageDataset(Dataset):
         self.skip_bad_images = skip_bad_images
         self.image_position = image_position
         self.truncation = truncation
+        self.blank_image = blank_image
         self.offsets, self.rejects = _index_lines(self.records_path, self.image_folder)
         if self.rejects and rejects_path is not None:
             lines = "".join(json.dumps({"file": str(self.records_path), **r}) + "\n" for r in self.rejects)
@@ -172,7 +184,7 @@ class VisionLanguageDataset(Dataset):
             raise DataError(f"{self.records_path}: record {index} has no conversations")
         try:
             enc = encode_conversation_info(conversations, self.tokenizer, self.tokens_per_image, self.ctx_len,
-                                           self.image_position, self.truncation)  # fmt: skip
+                                           self.image_position, self.truncation, self.blank_image)  # fmt: skip
         except DataError as e:
             raise DataError(f"{self.records_path}: record {index}: {e}") from None
         images = record_images(record)
@@ -204,9 +216,19 @@ def _stack_images(images: Sequence[Any]) -> Any:
     return torch.stack(list(images))
 
 
-def collate(batch: Sequence[dict | None], pad_to: int | None = None) -> dict | None:
+def first_image_row(input_ids: torch.Tensor) -> int:
+    """Position of a sample's first image or blank-image placeholder (0 when it has none)."""
+    rows = ((input_ids == IMAGE_TOKEN_ID) | (input_ids == BLANK_IMAGE_TOKEN_ID)).nonzero()
+    return int(rows[0]) if len(rows) else 0
+
+
+def collate(batch: Sequence[dict | None], pad_to: int | None = None, align_images: bool = False) -> dict | None:
     """Right-pad ids with 0 and labels with -100 (to `pad_to` when given, as the original pads
     every sample to ctx_len); stack all images of the batch in order.
+
+    `align_images` (v6.0): first left-pad each sample with id 0 (label -100) so that its first
+    image or blank run starts where the batch's latest one does, as the original's
+    `preparing_embedding` does; a sample is never cut after that (it may outgrow `pad_to`).
 
     Returns input_ids/labels [B, T], images (tensor or dict of [N_img, 3, H, W], or None),
     image_counts [B], n_skipped (dropped None samples), n_truncated, ids. Returns None when
@@ -216,13 +238,15 @@ def collate(batch: Sequence[dict | None], pad_to: int | None = None) -> dict | N
     n_skipped = len(batch) - len(samples)
     if not samples:
         return None
-    t_max = max([len(s["input_ids"]) for s in samples] + [pad_to or 0])
+    starts = [first_image_row(s["input_ids"]) if align_images else 0 for s in samples]
+    left = [max(starts) - start for start in starts]
+    t_max = max([pad + len(s["input_ids"]) for pad, s in zip(left, samples)] + [pad_to or 0])
     input_ids = torch.full((len(samples), t_max), PAD_TOKEN_ID, dtype=torch.long)
     labels = torch.full((len(samples), t_max), IGNORE_INDEX, dtype=torch.long)
-    for i, s in enumerate(samples):
+    for i, (pad, s) in enumerate(zip(left, samples)):
         n = len(s["input_ids"])
-        input_ids[i, :n] = s["input_ids"]
-        labels[i, :n] = s["labels"]
+        input_ids[i, pad : pad + n] = s["input_ids"]
+        labels[i, pad : pad + n] = s["labels"]
     all_images = [im for s in samples for im in s["images"]]
     return {
         "input_ids": input_ids,

@@ -31,7 +31,7 @@ from PIL import Image
 
 from vrwkv_core.checkpoint import read_recipe
 from vrwkv_core.config import RWKV_VERSIONS
-from vrwkv_core.data.conversation import left_pad
+from vrwkv_core.data.conversation import blank_image_ids, left_pad
 from vrwkv_core.errors import DataError, VrwkvError
 from vrwkv_core.eval.answers import Answer, parse_answer_line, write_answers
 from vrwkv_core.eval.benchmarks import Benchmark, ScoreResult, get_benchmark
@@ -415,6 +415,8 @@ def _build_input(vlm: Any, tok: RWKVTokenizer, bench: Benchmark, q: Question, pa
     P = vlm.tokens_per_image
     if q.image is None:
         ids = encode_prompt(text, tok, P, 0, style)
+        if getattr(getattr(vlm, "family", None), "blank_image_rows", False):  # v6.0: zero rows before the text
+            ids = blank_image_ids(P) + ids
         return left_pad(len(ids), pad) + ids, None, None
     error = None
     try:

@@ -50,6 +50,12 @@ class Family:
     (v7.00's forward did, for its kernel's chunk length); 0: no pad."""
     original_truncation: str = "head"
     """Its original's cut of long training samples (`data.truncation: original`): v7.00 `head`, v6.0 `tail_if_unlabelled`."""
+    blank_image_rows: bool = False
+    """Its original feeds a text-only sample (training and eval) as one image of zero rows
+    (`tokens_per_image` blank placeholders, reversed on odd layers like image rows) before the text (v6.0)."""
+    align_images: bool = False
+    """Its original left-pads every training sample of a batch with token 0 so that all images
+    (and blank rows) start at the same position (v6.0)."""
 
     @property
     def label(self) -> str:
@@ -74,7 +80,7 @@ FAMILIES: dict[str, Family] = {
                    original_truncation="head", prefill_pad=16),
     "x060": Family("x060", RWKV6, default_dim_ffn, wkv6, is_rwkv6_state_dict,
                    prompt_style="v6", image_position="middle", reverse_image_rows=True,
-                   original_truncation="tail_if_unlabelled", prefill_pad=0),
+                   original_truncation="tail_if_unlabelled", prefill_pad=0, blank_image_rows=True, align_images=True),
 }
 assert tuple(FAMILIES) == RWKV_VERSIONS, "config.RWKV_VERSIONS lists the families"
 

@@ -8,6 +8,9 @@ sample's projected image features. Images are consumed in batch order: sample b 
 is not `image_counts[b] * tokens_per_image` is an error naming the sample, unless
 `partial_images` allows its last image to be cut short (the original v7.00 truncation keeps
 the first ctx_len tokens even inside an image: that image's first rows are spliced).
+`BLANK_IMAGE_TOKEN_ID` (65534) rows are zero vectors: v6.0 feeds a text-only sample as one
+image of zero rows before its text (`Family.blank_image_rows`); like image rows, all but the
+last of each run are read backwards on odd layers.
 
     model = VisualRWKV(recipe.model)
     images = model.image_processor.batch([pil])           # {tower: [1, 3, S, S]}
@@ -29,12 +32,12 @@ from vrwkv_core.model.projector import build_projector
 from vrwkv_core.model.rwkv.state import RWKVState
 from vrwkv_core.model.vision import ImageProcessor, VisionTowers
 from vrwkv_core.model.vision.clip import clip_patch_spans
-from vrwkv_core.tokenizer import IMAGE_TOKEN_ID
+from vrwkv_core.tokenizer import BLANK_IMAGE_TOKEN_ID, IMAGE_TOKEN_ID
 
 if TYPE_CHECKING:
     from vrwkv_core.config import Recipe
 
-__all__ = ["IMAGE_TOKEN_ID", "VisualRWKV", "splice_image_features"]
+__all__ = ["BLANK_IMAGE_TOKEN_ID", "IMAGE_TOKEN_ID", "VisualRWKV", "splice_image_features"]
 
 
 def splice_image_features(
@@ -142,12 +145,15 @@ class VisualRWKV(nn.Module):
         image_counts: torch.Tensor | None = None,
         partial_images: bool = False,
     ) -> torch.Tensor:
-        """The LM input [B, T, C]: token embeddings with image features spliced in."""
+        """The LM input [B, T, C]: token embeddings with image features spliced in, zeros on blank rows."""
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         input_ids = input_ids.to(self.device)
         mask = input_ids == IMAGE_TOKEN_ID
-        embeds = self.rwkv.emb(input_ids.masked_fill(mask, 0))
+        blank = input_ids == BLANK_IMAGE_TOKEN_ID
+        embeds = self.rwkv.emb(input_ids.masked_fill(mask | blank, 0))
+        if bool(blank.any()):
+            embeds = embeds.masked_fill(blank.unsqueeze(-1), 0.0)
         n_images = _count_images(images)
         if n_images == 0 and not bool(mask.any()):
             return embeds
@@ -191,6 +197,7 @@ class VisualRWKV(nn.Module):
         extra = {}
         if self.family.reverse_image_rows:  # v6.0: odd layers scan each image's patch rows backwards
             ids = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
+            ids = ids.masked_fill(ids == BLANK_IMAGE_TOKEN_ID, IMAGE_TOKEN_ID)  # blank rows turn like image rows
             extra["reverse_spans"] = clip_patch_spans(ids, IMAGE_TOKEN_ID, self.tokens_per_image)
         return self.rwkv(embeds=embeds, state=state, logits=logits, backend=backend, **extra)
 

@@ -37,14 +37,15 @@ class StageData(pl.LightningDataModule):
         self.recipe = recipe
         self.stage = getattr(recipe, stage)
         original = recipe.data.truncation == "original"
+        fam = family(recipe.model.rwkv.version)
         self.dataset = VisionLanguageDataset(
             paths["records"], paths["images"], default_tokenizer(), image_processor,
             tokens_per_image, recipe.data.ctx_len, skip_bad_images=recipe.data.skip_bad_images,
             image_position=self.stage.image_position or recipe.model.image_position, rejects_path=rejects_path,
-            truncation=family(recipe.model.rwkv.version).original_truncation if original else "whole_images",
+            truncation=fam.original_truncation if original else "whole_images", blank_image=fam.blank_image_rows,
         )  # fmt: skip
         # The original pads every sample to ctx_len (L2Wrap's 1/(B*T) and its padding rows see it).
-        self.collate = partial(collate, pad_to=recipe.data.ctx_len if original else None)
+        self.collate = partial(collate, pad_to=recipe.data.ctx_len if original else None, align_images=fam.align_images)
         self.train_idx, self.val_idx = split_indices(len(self.dataset), recipe.data.val_fraction, self.stage.seed)
         self.sampler: Any = None
         self._pending_state: dict | None = None

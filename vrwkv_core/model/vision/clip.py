@@ -8,7 +8,8 @@ QuickGELU MLPs. The released tensors map onto timm's by the key map
 in `checkpoint/formats/towers.py`.
 
 Features (`clip_features`): the last block's output before the final norm, 577 x 1024,
-with the CLS row moved from first to LAST: [576 patches row-major, CLS]. No pooling.
+with the CLS row moved from first to LAST: [576 patches row-major, CLS]. `clip_grid_pool` is
+v6.0's `grid_pooling` (`model.vision.grid_size`; -1, the released models', pools nothing).
 Transform (`clip_preprocess`): RGB, shortest side to 336 (bicubic), centre crop 336,
 /255, CLIP mean/std; no pad-to-square. `clip_patch_spans` finds, in ids with image
 placeholders, the 576 patch rows of each image: the rows the v6.0 LM reverses in odd layers.
@@ -18,8 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+from vrwkv_core.config import CLIP_GRID, clip_tokens
 
 CLIP_TIMM_NAME = "vit_large_patch14_clip_quickgelu_336"
 
@@ -29,9 +33,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-CLIP_PATCHES = 576  # 24 x 24
+CLIP_PATCHES = CLIP_GRID * CLIP_GRID  # 24 x 24
 
-CLIP_TOKENS = CLIP_PATCHES + 1  # patches, then CLS
+CLIP_TOKENS = clip_tokens(-1)  # patches, then CLS
 
 CLIP_DIM = 1024
 
@@ -52,6 +56,28 @@ def clip_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         intermediates_only=True, return_prefix_tokens=True,
     )  # fmt: skip
     return torch.cat((patches, prefix), dim=1)
+
+
+def clip_grid_pool(rows: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """v6.0's `grid_pooling` of [N, patches + CLS (last), D] -> [N, clip_tokens(grid_size), D].
+
+    -1: unchanged; 0: the CLS row; 1: the patches' mean, then CLS; g: avg_pool2d of the
+    patch grid with kernel = stride = side // g (row-major), then CLS. The CLS row stays last.
+    """
+    if grid_size == -1:
+        return rows
+    cls = rows[:, -1:]
+    if grid_size == 0:
+        return cls
+    patches = rows[:, :-1]
+    if grid_size == 1:
+        return torch.cat((patches.mean(dim=1, keepdim=True), cls), dim=1)
+    n, length, d = patches.shape
+    side = round(length**0.5)
+    stride = side // grid_size
+    grid = patches.reshape(n, side, side, d).permute(0, 3, 1, 2)  # [N, D, side, side]
+    pooled = F.avg_pool2d(grid, kernel_size=stride, stride=stride).permute(0, 2, 3, 1).reshape(n, -1, d)
+    return torch.cat((pooled, cls), dim=1)
 
 
 def clip_preprocess(image: Image.Image, size: int = CLIP_SIZE) -> torch.Tensor:

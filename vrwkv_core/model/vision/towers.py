@@ -31,15 +31,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from vrwkv_core.config import VisionSection
+from vrwkv_core.config import VisionSection, clip_tokens
 from vrwkv_core.errors import RecipeError
 from vrwkv_core.model.vision.clip import (
     CLIP_MEAN,
     CLIP_SIZE,
     CLIP_STD,
     CLIP_TIMM_NAME,
-    CLIP_TOKENS,
     clip_features,
+    clip_grid_pool,
     clip_preprocess,
 )
 
@@ -74,12 +74,12 @@ class TowerSpec:
     """SAM: the neck output is folded fold x fold into channels (see `sam_fold`)."""
     norm_eps: float | None = None
     """LayerNorm eps of the blocks when it is not timm's default (SAM: 1e-6, as Meta's and the original's)."""
-    tokens: int | None = None
-    """A tower that gives its own token rows (no grid, no pooling) and goes alone: their count."""
+    tokens: Callable[[VisionSection], int] | None = None
+    """A tower that gives its own token rows (no adaptive pooling) and goes alone: their count for a vision config."""
     preprocess: Callable[[Image.Image], torch.Tensor] | None = None
     """Its own image transform (else: squash-resize to the input side and normalise)."""
-    rows: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
-    """Pixels [N, 3, S, S] -> token rows [N, tokens, D] for a `tokens` tower."""
+    rows: Callable[[nn.Module, torch.Tensor, VisionSection], torch.Tensor] | None = None
+    """(model, pixels [N, 3, S, S], vision config) -> token rows [N, tokens, D] for a `tokens` tower."""
 
     def feature_dim(self, model: nn.Module) -> int:
         """Channels per patch of the tower's output."""
@@ -168,9 +168,10 @@ TOWERS: dict[str, TowerSpec] = {
     "siglip": TowerSpec("vit_so400m_patch14_siglip_384", HALF, HALF, patch=14),
     "sam": TowerSpec("samvit_base_patch16", IMAGENET_MEAN, IMAGENET_STD, fixed_size=SAM_SIZE, fold=SAM_FOLD, norm_eps=1e-6),
     "tiny": TowerSpec(None, HALF, HALF, penultimate=False, build=_build_tiny),
-    # v6.0: CLIP ViT-L/14-336, 576 patches + CLS row last, no pooling, its own crop
+    # v6.0: CLIP ViT-L/14-336, 576 patches + CLS row last, v6.0's grid pooling (none by default), its own crop
     "clip": TowerSpec(CLIP_TIMM_NAME, CLIP_MEAN, CLIP_STD, fixed_size=CLIP_SIZE, penultimate=False,
-                      tokens=CLIP_TOKENS, preprocess=clip_preprocess, rows=clip_features),
+                      tokens=lambda cfg: clip_tokens(cfg.grid_size), preprocess=clip_preprocess,
+                      rows=lambda model, x, cfg: clip_grid_pool(clip_features(model, x), cfg.grid_size)),
 }
 
 
@@ -200,12 +201,13 @@ class VisionTowers(nn.Module):
     def __init__(self, vision_cfg: VisionSection, tokens_per_image: int) -> None:
         super().__init__()
         self.names = list(vision_cfg.towers)
+        self.vision_cfg = vision_cfg
         if not self.names:
             raise RecipeError("model.vision.towers: needs at least one tower")
         self.side = round(tokens_per_image**0.5)
         alone = [n for n in self.names if TOWERS[n].tokens is not None]  # e.g. v6.0's CLIP: 576 patches + CLS
         if alone:
-            want = TOWERS[alone[0]].tokens
+            want = TOWERS[alone[0]].tokens(vision_cfg)
             if len(self.names) > 1 or tokens_per_image != want:
                 raise RecipeError(f"model.vision.towers: {alone[0]} goes alone, with tokens_per_image {want}")
         elif self.side * self.side != tokens_per_image:
@@ -257,7 +259,8 @@ class VisionTowers(nn.Module):
             if TOWERS[self.names[0]].tokens is not None:  # a tower that gives its own token rows, unpooled
                 name = self.names[0]
                 p = next(self.featurizer(name).parameters())
-                return TOWERS[name].rows(self.featurizer(name), images[name].to(device=p.device, dtype=p.dtype))
+                return TOWERS[name].rows(self.featurizer(name), images[name].to(device=p.device, dtype=p.dtype),
+                                         self.vision_cfg)
             feats = []
             for name in self.names:
                 p = next(self.featurizer(name).parameters())
