@@ -176,7 +176,7 @@ def score(
 
 
 def _notes(result: Any) -> list[str]:
-    notes = []
+    notes = [f"note: {result.details['note']}"] if result.details.get("note") else []
     if result.duplicates:
         notes.append(f"note: {result.duplicates} repeated answer line(s) ignored (the first answer per question counts)")
     if result.missing:
@@ -220,10 +220,10 @@ def _print_table(result: Any, answers: Path) -> None:
         console.print(cat_table)
     _print_more(result)
     for note in _notes(result):
-        console.print(f"[yellow]{note}[/yellow]")
+        console.print(f"[yellow]{note}[/yellow]", soft_wrap=True)  # paths in notes stay whole for copying
 
 
-_SHOWN = {"img_accuracy", "img_count", "submission", "written"}
+_SHOWN = {"img_accuracy", "img_count", "submission", "written", "note"}
 _POINTS = {"perception", "cognition", "total", "score"}  # MME's scores are points, not fractions
 
 

@@ -35,6 +35,7 @@ from vrwkv_core.fsutil import atomic_write_text
 from vrwkv_core.textio import iter_lines, read_text
 
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
+VQAV2_SERVER = "https://eval.ai/web/challenges/challenge-page/830/submission"  # LLaVA's docs/Evaluation.md
 
 __all__ = [
     "BENCHMARKS",
@@ -306,17 +307,21 @@ def _load_vqav2_test(annotations: Path, questions: Path | None) -> _TestQuestion
 
 
 def _metric_vqav2_test(answers: list[Answer], truth: _TestQuestions, out: Path | None) -> ScoreResult:
+    """LLaVA's scripts/convert_vqav2_for_submission.py: one {"question_id", "answer"} per id of the
+    test file, in its order, the answer through the EvalAI answer processor, "" when unanswered."""
     known = {str(q) for q in truth.ids}
     _check_known(answers, lambda a: a.key in known, truth.path)
     kept, dup = dedupe(answers)
     by_id = {a.key: normalize_answer(a.text) for a in kept}
-    # EvalAI wants every test id; LLaVA submits "" for the ones without an answer.
+    # EvalAI wants every test2015 id, also for the test-dev phase; LLaVA submits "" for the ones without an answer.
     rows = [{"question_id": q, "answer": by_id.get(str(q), "")} for q in truth.ids]
     assert out is not None
     atomic_write_text(out, json.dumps(rows))
     missing = len(truth.ids) - len(kept)
+    note = (f"VQAv2 test-dev answers are not public, so there is no score here: upload {out} "
+            f"({len(kept)} answered, {missing} of the {len(rows)} test2015 ids as \"\") to {VQAV2_SERVER}")
     return ScoreResult("vqav2-testdev", None, len(kept), missing, dup,
-                       {"submission": str(out), "written": len(rows)})
+                       {"submission": str(out), "written": len(rows), "note": note})
 
 
 # ---------------------------------------------------------------- GQA
