@@ -93,8 +93,8 @@ class Benchmark:
     """The instruction of prompt style `llava` where the VisualRWKV originals used none
     (ScienceQA: LLaVA's letter instruction); None: `prompt_suffix` in every style."""
     skip_text_only: bool = False
-    """The original eval answers image questions only (ScienceQA: text-only ones then count as
-    failed in `accuracy` and are left out of `img_accuracy`); style `llava` answers them all."""
+    """The v7.00 eval answers image questions only (ScienceQA: text-only ones then count as
+    failed in `accuracy` and are left out of `img_accuracy`); styles `v6` and `llava` answer them all."""
     writes_submission: bool = False
     """True when scoring writes a submission file (--submission) instead of comparing."""
     submission_suffix: str = ".evalai.json"

@@ -205,8 +205,9 @@ def prompt_suffix(bench: Benchmark, style: str) -> str | None:
 
 
 def answers_text_only(bench: Benchmark, style: str) -> bool:
-    """Whether questions without an image are answered (the originals skip them; `llava` does not)."""
-    return style == "llava" or not bench.skip_text_only
+    """Whether questions without an image are answered: v7.00's eval skips them, v6.0's answers
+    them after a blank image's zero rows (`Family.blank_image_rows`), as `llava` answers them."""
+    return style in ("llava", "v6") or not bench.skip_text_only
 
 
 def question_text(q: Question, bench: Benchmark, style: str = "v7") -> str:
