@@ -208,3 +208,53 @@ def test_eval_text_only_prompt_starts_with_a_blank_image_for_v6_only() -> None:
     assert images is None and error is None
     assert ids6 == [B, B, B] + ids7 and B not in ids7
     assert clip_patch_spans(torch.tensor(ids6).masked_fill(torch.tensor(ids6) == B, I), I, 3) == [[(0, 2)]]
+
+
+def test_grid_size_error_is_one_line_from_the_cli(capsys) -> None:
+    from vrwkv_cli.main import run
+
+    assert run(["pretrain", "recipes/v6-1b6.yaml", "model.vision.grid_size=5", "--print-config"]) == 1
+    err = capsys.readouterr().err
+    assert "model.vision.grid_size: 5 does not divide" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_v6_trains_on_a_mix_of_image_and_text_only_samples(tmp_path, monkeypatch) -> None:
+    """A tiny x060 stage over image records and text-only records: every batch is aligned, each
+    text-only sample carries one blank image, and the loss stays finite."""
+    import csv
+    import json
+    import math
+
+    from vrwkv_cli.main import run
+    from vrwkv_core.data import dataset
+    from vrwkv_core.data.shapes import prepare_shapes
+
+    data = prepare_shapes(tmp_path / "shapes", n_train=6, n_eval=2, seed=2)
+    text_only = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"Say {i}."},
+                                                    {"from": "gpt", "value": f"{i}."}]} for i in range(6)]  # fmt: skip
+    with open(data / "pretrain.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in text_only))
+    seen: list[dict] = []
+    real_collate = dataset.collate
+    monkeypatch.setattr(dataset, "collate", lambda *a, **k: seen.append(real_collate(*a, **k)) or seen[-1])
+    monkeypatch.setattr("vrwkv_core.train.data.collate", dataset.collate)
+    args = [
+        f"data.root={data}", "data.ctx_len=96", "data.val_fraction=0",
+        "model.rwkv.version=x060", "model.rwkv.n_layer=2", "model.rwkv.n_embd=64", "model.rwkv.head_size=32",
+        "model.vision.image_size=32", "model.vision.tiny.width=32", "model.vision.tiny.depth=1",
+        "model.tokens_per_image=16", "model.projector.type=linear", f"pretrain.out_dir={tmp_path / 'pre'}",
+        "pretrain.max_steps=3", "pretrain.micro_batch=4", "pretrain.warmup_steps=0",
+    ]  # fmt: skip
+    assert run(["pretrain", "recipes/tiny.yaml", *args]) == 0
+    blanks = 0
+    for batch in seen:
+        ids = batch["input_ids"]
+        starts = {int(((row == I) | (row == B)).nonzero()[0]) for row in ids}
+        assert len(starts) == 1  # every image or blank run starts at one position
+        for row, n_img in zip(ids, batch["image_counts"].tolist()):
+            assert int((row == B).sum()) == (0 if n_img else 16)
+        blanks += int((batch["image_counts"] == 0).sum())
+    assert blanks > 0
+    losses = [float(r["train_loss"]) for r in csv.DictReader(open(tmp_path / "pre" / "metrics.csv")) if r["train_loss"]]
+    assert losses and all(math.isfinite(x) for x in losses)
