@@ -256,5 +256,6 @@ def test_v6_trains_on_a_mix_of_image_and_text_only_samples(tmp_path, monkeypatch
             assert int((row == B).sum()) == (0 if n_img else 16)
         blanks += int((batch["image_counts"] == 0).sum())
     assert blanks > 0
-    losses = [float(r["train_loss"]) for r in csv.DictReader(open(tmp_path / "pre" / "metrics.csv")) if r["train_loss"]]
+    with open(tmp_path / "pre" / "metrics.csv") as f:
+        losses = [float(r["train_loss"]) for r in csv.DictReader(f) if r["train_loss"]]
     assert losses and all(math.isfinite(x) for x in losses)

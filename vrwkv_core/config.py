@@ -21,7 +21,6 @@ from vrwkv_core.textio import read_text
 from vrwkv_core.recipe_schema import (  # the schema, re-exported: `from vrwkv_core.config import Recipe`
     RWKV_VERSIONS,
     WKV_BACKENDS,
-    CLIP_GRID,
     CLIP_GRID_SIZES,
     clip_tokens,
     RWKVSection,

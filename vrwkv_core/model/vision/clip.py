@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from vrwkv_core.config import CLIP_GRID, clip_tokens
+from vrwkv_core.config import clip_tokens
 
 CLIP_TIMM_NAME = "vit_large_patch14_clip_quickgelu_336"
 
@@ -33,9 +33,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-CLIP_PATCHES = CLIP_GRID * CLIP_GRID  # 24 x 24
+CLIP_TOKENS = clip_tokens(-1)  # 24 x 24 patches, then CLS
 
-CLIP_TOKENS = clip_tokens(-1)  # patches, then CLS
+CLIP_PATCHES = CLIP_TOKENS - 1
 
 CLIP_DIM = 1024
 
