@@ -1,12 +1,16 @@
 """The scheduler: one thread owns the model and runs continuous batching over RNN rows.
 
-Each loop: queued requests join (up to `max_batch` rows): the longest cached prefix of
-the conversation is restored from the `StateCache` and only the rest is prefilled
-(split after its last image, whose state is cached too); then every active row samples
-its next token from its own logits with its own `Sampler` (own config and seed) and all
-rows that go on advance in one `DecodeBatch.step`. Finished rows leave at once, and
-their state is cached under the conversation so far, so the follow-up turn prefills
-only its new tokens. Cancelled rows (the client went away) leave before the next step.
+Each loop: the queued requests join together (up to `max_batch` rows and about
+`prefill_budget` prompt tokens a turn, so a burst of long prompts is spread over several
+turns with a decode step for the running rows between them): the longest cached prefix of
+each conversation is restored from the `StateCache`; the part up to its last image runs
+alone (towers, placeholders; that state is cached too); the remaining text tails of equal
+length are prefilled as one batch. Then every active row picks its next token (greedy
+penalty-free rows in one masked argmax over the batch, the others with their own
+`Sampler`: own config and seed) and all rows that go on advance in one `DecodeBatch.step`.
+Finished rows leave at once, and their state is cached under the conversation so far, so
+the follow-up turn prefills only its new tokens. Cancelled rows (the client went away)
+leave before the next step.
 
 Events go to each request's `emit` callback from this thread: `Delta(text)` pieces,
 then one `Finished` or `Failed`.
@@ -25,18 +29,22 @@ from typing import TYPE_CHECKING, Any, Callable, Union
 import torch
 
 from vrwkv_core.infer import DecodeBatch, GenerationConfig, Sampler, prefill, take_token
+from vrwkv_core.infer.batch import greedy_tokens
 from vrwkv_core.infer.generate import TextAssembler
 from vrwkv_core.infer.sampling import IMAGE_TOKEN_ID
+from vrwkv_core.model.rwkv.state import RWKVState
 from vrwkv_core.serve.engine.cache import AnswerMemo, StateCache, prefix_key
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from vrwkv_core.model.rwkv.state import RWKVState
     from vrwkv_core.tokenizer import RWKVTokenizer
 
 log = logging.getLogger("vrwkv.serve")
 STOP_OF_TURN = 261  # "\n\n" closes an answer in the template
+PREFILL_BUDGET = 2048
+"""Prompt tokens admitted per loop turn (at least one request): bounds how long a burst of
+new requests holds up the decode steps of the running rows."""
 
 
 @dataclass
@@ -109,16 +117,35 @@ class _Row:
     free_config: GenerationConfig | None = None
     """The config once min_tokens are reached (stop tokens allowed again), if it differs."""
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy without penalties: the batch's masked argmax picks its token."""
+        cfg = self.sampler.config
+        return cfg.greedy and not cfg.presence_penalty and not cfg.frequency_penalty
+
+
+@dataclass
+class _Pending:
+    """A request between the cache lookup and the batched prefill of its text tail."""
+
+    req: EngineRequest
+    n_cached: int
+    pos: int
+    """Prompt tokens in `state` (the cached prefix and the images)."""
+    state: RWKVState | None
+
 
 class Engine:
     """Owns the model in one scheduler thread; `submit` from any thread."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: RWKVTokenizer, max_batch: int = 16,
-                 max_queue: int = 256, state_cache_mb: float = 1024, metrics: Any = None) -> None:  # fmt: skip
+                 max_queue: int = 256, state_cache_mb: float = 1024, metrics: Any = None,
+                 prefill_budget: int = PREFILL_BUDGET) -> None:  # fmt: skip
         self.model = model
         self.tok = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.prefill_budget = prefill_budget
         self.cache = StateCache(int(state_cache_mb * 2**20))
         self.memo = AnswerMemo()
         self.metrics = metrics
@@ -178,8 +205,7 @@ class Engine:
                 if self._aborting:
                     queued, self._queue = list(self._queue), deque()
                 else:
-                    n = max(0, self.max_batch - len(self._rows))
-                    queued = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
+                    queued = self._take_queued()
                 self._gauges()
             if self._aborting:
                 for req in queued:
@@ -194,9 +220,7 @@ class Engine:
                     if not self._queue and not self._closed:
                         self._cv.wait(0.5)
                 continue
-            for req in queued:
-                if not req.cancelled:
-                    self._admit(req)
+            self._admit([req for req in queued if not req.cancelled])
             self._drop_cancelled()
             if self._rows:
                 try:
@@ -213,28 +237,60 @@ class Engine:
         if self.metrics is not None:
             self.metrics.set_load(len(self._rows), len(self._queue), self.cache.nbytes)
 
-    def _admit(self, req: EngineRequest) -> None:
-        """Restores the longest cached prefix, prefills the rest, adds the row to the batch."""
-        try:
-            start, state = self._lookup(req)
-            logits, state = self._prefill_rest(req, start, state)
-        except Exception as err:
-            log.exception("prefill failed")
-            _send(req, Failed(500, f"prefill failed: {type(err).__name__}: {err}"))
-            return
+    def _take_queued(self) -> list[EngineRequest]:
+        """The queued requests that join now: up to the free rows and `prefill_budget` tokens
+        (the first one always). Called with the lock held."""
+        free = self.max_batch - len(self._rows)
+        taken: list[EngineRequest] = []
+        budget = self.prefill_budget
+        while self._queue and len(taken) < free and (not taken or len(self._queue[0].ids) <= budget):
+            req = self._queue.popleft()
+            budget -= len(req.ids)
+            taken.append(req)
+        return taken
+
+    def _admit(self, reqs: list[EngineRequest]) -> None:
+        """Restores each request's longest cached prefix and runs its images, then prefills the
+        text tails of equal length together and adds the rows to the batch."""
+        groups: dict[tuple[int, bool], list[_Pending]] = {}
+        for req in reqs:
+            try:
+                start, state = self._lookup(req)
+                pos, state = self._prefill_images(req, start, state)
+            except Exception as err:
+                log.exception("prefill failed")
+                _send(req, Failed(500, f"prefill failed: {type(err).__name__}: {err}"))
+                continue
+            # a learned initial state (state tuning) stands in for None, so None rows batch apart
+            groups.setdefault((len(req.ids) - pos, state is None), []).append(_Pending(req, start, pos, state))
+        for group in groups.values():
+            try:
+                ids = torch.tensor([p.req.ids[p.pos :] for p in group])
+                states = [p.state for p in group if p.state is not None]
+                logits, state = prefill(self.model, ids, None, RWKVState.cat(states) if states else None)
+            except Exception as err:
+                log.exception("prefill failed")
+                for p in group:
+                    _send(p.req, Failed(500, f"prefill failed: {type(err).__name__}: {err}"))
+                continue
+            rids = [self._add_row(p.req, p.n_cached, logits.shape[-1], logits.device) for p in group]
+            self._batch.add(rids, logits, state)
+
+    def _add_row(self, req: EngineRequest, n_cached: int, vocab: int, device: torch.device) -> int:
+        """A new row's bookkeeping (sampler, text, stops); returns its id."""
         cfg = req.config
         stops = set(cfg.stop_tokens)
         first_cfg, free_cfg = cfg, None
         if req.min_tokens > 0 and stops:  # stop tokens are banned until min_tokens are out
             first_cfg = replace(cfg, banned_tokens=tuple(cfg.banned_tokens) + tuple(sorted(stops)))
             free_cfg = cfg
-        row = _Row(req, Sampler(first_cfg, 1, logits.shape[-1], logits.device), TextAssembler(self.tok, cfg.stop_strings),
-                   stops, start, free_config=free_cfg)  # fmt: skip
+        row = _Row(req, Sampler(first_cfg, 1, vocab, device), TextAssembler(self.tok, cfg.stop_strings), stops,
+                   n_cached, free_config=free_cfg)  # fmt: skip
         rid = next(self._ids)
         self._rows[rid] = row
-        self._batch.add(rid, logits, state)
         if self.metrics is not None:
-            self.metrics.prompt_tokens(len(req.ids), start)
+            self.metrics.prompt_tokens(len(req.ids), n_cached)
+        return rid
 
     def _lookup(self, req: EngineRequest) -> tuple[int, RWKVState | None]:
         """(length, state) of the longest cached prefix that leaves at least one token to run."""
@@ -263,19 +319,21 @@ class Engine:
             seen += len(im.views)
         return prefix_key(ids, keys)
 
-    def _prefill_rest(self, req: EngineRequest, start: int, state: RWKVState | None) -> tuple[torch.Tensor, RWKVState]:
+    def _prefill_images(self, req: EngineRequest, start: int, state: RWKVState | None) -> tuple[int, RWKVState | None]:
+        """Runs the prompt from `start` through its last image, if any image is left (the state
+        there is cached: a new question about these images skips them): (tokens run, state)."""
         rest = req.ids[start:]
         image_pos = [i for i, t in enumerate(rest) if t == IMAGE_TOKEN_ID]
         if not image_pos:
-            return prefill(self.model, rest, None, state)
+            return start, state
         # the views in `rest` are the last ones of the conversation (cache boundaries never cut a run)
         views = [v for im in req.images for v in im.views]
         n_rest = sum(1 for j, i in enumerate(image_pos) if j == 0 or image_pos[j - 1] != i - 1)
         proc = self.model.image_processor  # type: ignore[attr-defined]
         split = image_pos[-1] + 1
         _, state = prefill(self.model, rest[:split], proc.batch(views[len(views) - n_rest :]), state)
-        self.cache.put(self._key(req, start + split), state)  # a new question about these images skips them
-        return prefill(self.model, rest[split:], None, state)
+        self.cache.put(self._key(req, start + split), state)
+        return start + split, state
 
     def _drop_cancelled(self) -> None:
         gone = [rid for rid, row in self._rows.items() if row.req.cancelled]
@@ -289,10 +347,9 @@ class Engine:
         now = time.perf_counter()
         feed: dict[int, int] = {}
         done: list[int] = []
-        logits = self._batch.logits
-        for i, rid in enumerate(list(self._batch.keys)):
+        keys = list(self._batch.keys)
+        for rid, token in zip(keys, self._pick(keys, self._batch.logits)):
             row = self._rows[rid]
-            token = int(row.sampler(logits[i : i + 1])[0])
             if row.ttft is None:
                 row.ttft = now - row.req.t_submit
                 if self.metrics is not None:
@@ -313,6 +370,22 @@ class Engine:
             self._batch.step([feed[rid] for rid in self._batch.keys])
             if self.metrics is not None:
                 self.metrics.decode_step(len(feed), time.perf_counter() - t0)
+
+    def _pick(self, keys: list[int], logits: torch.Tensor) -> list[int]:
+        """The next token of every row: one masked argmax for the greedy penalty-free rows (what
+        their `Sampler` would pick), each other row's own `Sampler` for the rest."""
+        rows = [self._rows[rid] for rid in keys]
+        plain = [i for i, row in enumerate(rows) if row.plain_greedy]
+        tokens = [0] * len(rows)
+        if plain:
+            sub = logits if len(plain) == len(rows) else logits[plain]
+            picked = greedy_tokens(sub, [rows[i].sampler.config.banned_tokens for i in plain])
+            for i, token in zip(plain, picked):
+                tokens[i] = token
+        if len(plain) < len(rows):
+            for i in sorted(set(range(len(rows))) - set(plain)):
+                tokens[i] = int(rows[i].sampler(logits[i : i + 1])[0])
+        return tokens
 
     def _finish(self, rid: int, reason: str) -> None:
         """Ends a row: the held-back text, the result event, its state into the cache (the caller
