@@ -12,6 +12,7 @@ from vrwkv_core.bench.lm import random_rwkv7_weights
 from vrwkv_core.config import RWKVSection
 from vrwkv_core.infer import DecodeBatch, GenerationConfig, prefill
 from vrwkv_core.infer.batch import greedy_tokens
+from vrwkv_core.infer.sampling import IMAGE_TOKEN_ID as IMAGE
 from vrwkv_core.model.rwkv.rwkv7 import RWKV7
 from vrwkv_core.serve.engine import Engine, EngineRequest, Finished
 from vrwkv_core.serve.engine import scheduler
@@ -93,10 +94,24 @@ def test_prefill_budget_spreads_a_burst_over_turns(lm, prefill_shapes):
 
 
 def test_greedy_tokens_masks_each_rows_banned_tokens():
-    logits = torch.tensor([[1.0, 5.0, 3.0, 0.0], [2.0, 2.0, 9.0, 9.5], [0.0, 4.0, 4.0, 1.0]])
-    # row 0: 1 banned -> 2; row 1: 3 banned -> 2; row 2: nothing banned, a tie -> the first, 1
-    assert greedy_tokens(logits, [(1,), (3, 70000), ()]) == [2, 2, 1]
+    logits = torch.tensor([[1.0, 5.0, 3.0, 0.0], [2.0, 2.0, 9.0, 9.5], [0.0, 4.0, 4.0, 1.0], [5.0, 5.0, 1.0, 0.0],
+                           [0.0, 1.0, 7.0, 2.0]])  # fmt: skip
+    # 1 banned -> 2; 3 banned (70000 is out of range) -> 2; a tie -> the first, 1; a banned token ties
+    # the best one before it -> the other, 1; the best is not banned -> 2
+    assert greedy_tokens(logits, [(1,), (3, 70000), (), (0,), (0, 1)]) == [2, 2, 1, 1, 2]
     assert logits[0, 1] == 5.0  # the caller's logits are not modified
+
+
+def test_greedy_tokens_pick_what_each_rows_sampler_picks():
+    from vrwkv_core.infer import Sampler
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 6, (12, 40), generator=g).float()  # many ties
+    top = logits.argmax(-1).tolist()
+    banned = [(), (top[1],), (top[2], 0, 39), (IMAGE,), *[(top[i], i) for i in range(4, 12)]]
+    expected = [int(Sampler(GenerationConfig(temperature=0.0, banned_tokens=ban), 1, 40)(logits[i : i + 1])[0])
+                for i, ban in enumerate(banned)]  # fmt: skip
+    assert greedy_tokens(logits, banned) == expected
 
 
 def test_decode_batch_remove_moves_rows_in_place(lm):

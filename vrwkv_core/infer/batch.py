@@ -89,15 +89,14 @@ class DecodeBatch:
 def greedy_tokens(logits: torch.Tensor, banned: Sequence[Sequence[int]]) -> list[int]:
     """The argmax of each row of `logits` [B, V] with that row's `banned` tokens excluded: what a
     greedy, penalty-free `Sampler` picks, for all rows at once."""
-    masked = logits.float().clone()
-    V = masked.shape[-1]
-    by_ban: dict[tuple[int, ...], list[int]] = {}
-    for i, b in enumerate(banned):
-        by_ban.setdefault(tuple(t for t in b if 0 <= t < V), []).append(i)
-    for ban, rows in by_ban.items():
-        if ban:
-            masked[torch.tensor(rows).unsqueeze(1), torch.tensor(ban)] = float("-inf")
-    return masked.argmax(-1).tolist()
+    picked = logits.argmax(-1).tolist()
+    V = logits.shape[-1]
+    for i, ban in enumerate(banned):
+        if picked[i] in ban:  # rare: only then is the row masked (no [B, V] copy per step)
+            row = logits[i].float().clone()
+            row[[t for t in ban if 0 <= t < V]] = float("-inf")
+            picked[i] = int(row.argmax())
+    return picked
 
 
 __all__ = ["DecodeBatch", "greedy_tokens"]
