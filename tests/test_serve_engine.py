@@ -14,8 +14,7 @@ from vrwkv_core.infer import DecodeBatch, GenerationConfig, prefill
 from vrwkv_core.infer.batch import greedy_tokens
 from vrwkv_core.infer.sampling import IMAGE_TOKEN_ID as IMAGE
 from vrwkv_core.model.rwkv.rwkv7 import RWKV7
-from vrwkv_core.serve.engine import Engine, EngineRequest, Finished
-from vrwkv_core.serve.engine import scheduler
+from vrwkv_core.serve.engine import Engine, EngineRequest, Finished, scheduler
 from vrwkv_core.tokenizer import default_tokenizer
 
 
@@ -29,23 +28,26 @@ def prompt(n: int, seed: int) -> list[int]:
     return torch.randint(300, 20000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def request(ids: list[int], events: queue.Queue, max_tokens: int = 6) -> EngineRequest:
-    cfg = GenerationConfig(max_new_tokens=max_tokens, temperature=0.0, stop_tokens=())
-    return EngineRequest(ids, cfg, events.put)
+GREEDY = GenerationConfig(max_new_tokens=6, temperature=0.0, stop_tokens=())
+SAMPLED = GenerationConfig(max_new_tokens=6, temperature=1.0, top_k=50, seed=5, stop_tokens=())
 
 
-def answers(engine: Engine, prompts: list[list[int]], together: bool) -> list[Finished]:
-    """Greedy answers to `prompts`: queued at once (the scheduler sees them together), or one
-    after the other (each alone in the batch)."""
+def answers(engine: Engine, prompts: list[list[int]], together: bool, configs=None) -> list[Finished]:
+    """Answers to `prompts` (greedy unless `configs`): queued at once (the scheduler sees them
+    together), or one after the other (each alone in the batch)."""
     streams = [queue.Queue() for _ in prompts]
+    reqs = [
+        EngineRequest(ids, cfg, events.put)
+        for ids, cfg, events in zip(prompts, configs or [GREEDY] * len(prompts), streams)
+    ]
     out = []
     if together:
         with engine._cv:  # re-entrant: the scheduler takes none of them before all are queued
-            for ids, events in zip(prompts, streams):
-                engine.submit(request(ids, events))
-    for ids, events in zip(prompts, streams):
+            for req in reqs:
+                engine.submit(req)
+    for req, events in zip(reqs, streams):
         if not together:
-            engine.submit(request(ids, events))
+            engine.submit(req)
         while not isinstance(ev := events.get(timeout=60), Finished):
             pass
         out.append(ev)
@@ -71,13 +73,16 @@ def test_requests_arriving_together_prefill_as_one_batch(lm, prefill_shapes):
     engine = Engine(lm, default_tokenizer(), max_batch=8)
     try:
         prompts = [prompt(6, 1), prompt(9, 2), prompt(6, 3), prompt(6, 4), prompt(9, 5)]
-        alone = answers(engine, prompts, together=False)
+        configs = [GREEDY, GREEDY, SAMPLED, GREEDY, SAMPLED]  # seeded sampling rows beside greedy ones
+        alone = answers(engine, prompts, together=False, configs=configs)
         assert prefill_shapes == [(1, 6), (1, 9), (1, 6), (1, 6), (1, 9)]
         prefill_shapes.clear()
-        batched = answers(engine, prompts, together=True)
+        batched = answers(engine, prompts, together=True, configs=configs)
         assert sorted(prefill_shapes) == [(2, 9), (3, 6)]  # one prefill per tail length
         assert [a.text for a in batched] == [a.text for a in alone]
         assert [a.n_completion for a in batched] == [6] * 5
+        greedy = answers(engine, [prompts[2], prompts[4]], together=True)
+        assert [g.text for g in greedy] != [batched[2].text, batched[4].text]  # those rows really sampled
     finally:
         engine.close()
 

@@ -6,7 +6,7 @@ turns with a decode step for the running rows between them): the longest cached 
 each conversation is restored from the `StateCache`; the part up to its last image runs
 alone (towers, placeholders; that state is cached too); the remaining text tails of equal
 length are prefilled as one batch. Then every active row picks its next token (greedy
-penalty-free rows in one masked argmax over the batch, the others with their own
+penalty-free rows in one argmax over the batch, the others with their own
 `Sampler`: own config and seed) and all rows that go on advance in one `DecodeBatch.step`.
 Finished rows leave at once, and their state is cached under the conversation so far, so
 the follow-up turn prefills only its new tokens. Cancelled rows (the client went away)
@@ -43,8 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("vrwkv.serve")
 STOP_OF_TURN = 261  # "\n\n" closes an answer in the template
 PREFILL_BUDGET = 2048
-"""Prompt tokens admitted per loop turn (at least one request): bounds how long a burst of
-new requests holds up the decode steps of the running rows."""
+"""Prompt tokens admitted per loop turn (at least one request; cached ones count too, the lookup
+comes later): bounds how long a burst of new requests holds up the running rows' decode steps."""
 
 
 @dataclass
@@ -119,7 +119,7 @@ class _Row:
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy without penalties: the batch's masked argmax picks its token."""
+        """Greedy without penalties: `greedy_tokens` over the batch picks its token."""
         cfg = self.sampler.config
         return cfg.greedy and not cfg.presence_penalty and not cfg.frequency_penalty
 
@@ -372,7 +372,7 @@ class Engine:
                 self.metrics.decode_step(len(feed), time.perf_counter() - t0)
 
     def _pick(self, keys: list[int], logits: torch.Tensor) -> list[int]:
-        """The next token of every row: one masked argmax for the greedy penalty-free rows (what
+        """The next token of every row: one argmax over the batch for the greedy penalty-free rows (what
         their `Sampler` would pick), each other row's own `Sampler` for the rest."""
         rows = [self._rows[rid] for rid in keys]
         plain = [i for i, row in enumerate(rows) if row.plain_greedy]
@@ -382,9 +382,9 @@ class Engine:
             picked = greedy_tokens(sub, [rows[i].sampler.config.banned_tokens for i in plain])
             for i, token in zip(plain, picked):
                 tokens[i] = token
-        if len(plain) < len(rows):
-            for i in sorted(set(range(len(rows))) - set(plain)):
-                tokens[i] = int(rows[i].sampler(logits[i : i + 1])[0])
+        for i, row in enumerate(rows):
+            if not row.plain_greedy:
+                tokens[i] = int(row.sampler(logits[i : i + 1])[0])
         return tokens
 
     def _finish(self, rid: int, reason: str) -> None:
