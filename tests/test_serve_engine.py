@@ -4,6 +4,7 @@ the decode batch in place. A tiny random RWKV-7 stands in for a model."""
 from __future__ import annotations
 
 import queue
+from dataclasses import replace
 
 import pytest
 import torch
@@ -94,6 +95,40 @@ def test_prefill_budget_spreads_a_burst_over_turns(lm, prefill_shapes):
         done = answers(engine, prompts, together=True)
         assert prefill_shapes == [(1, 6), (1, 6), (1, 6)]  # 6 + 6 > 10: one request a turn
         assert [a.n_completion for a in done] == [6] * 3
+    finally:
+        engine.close()
+
+
+def test_long_tails_prefill_in_chunks_between_decode_steps(lm, prefill_shapes, monkeypatch):
+    monkeypatch.setattr(scheduler, "PREFILL_CHUNK", 4)
+    steps = []  # how many prefills had run at each decode step
+    real_step = DecodeBatch.step
+
+    def step(self, tokens):
+        steps.append(len(prefill_shapes))
+        real_step(self, tokens)
+
+    monkeypatch.setattr(DecodeBatch, "step", step)
+    engine = Engine(lm, default_tokenizer(), max_batch=8, prefill_budget=8)
+    try:
+        prompts = [prompt(10, 31), prompt(6, 32)]
+        alone = answers(engine, prompts, together=False)
+        assert prefill_shapes == [(1, 4), (1, 4), (1, 2), (1, 4), (1, 2)]  # chunks from each tail's start
+        prefill_shapes.clear()
+        together = answers(engine, prompts, together=True)
+        # turn 1: both first chunks as one batch; turn 2: 4 of the first, the last 2 of the second; turn 3
+        assert prefill_shapes == [(2, 4), (1, 4), (1, 2), (1, 2)]
+        assert [a.text for a in together] == [a.text for a in alone]
+
+        # a running row keeps decoding while a long tail is prefilled: a step after every chunk
+        running = queue.Queue()
+        engine.submit(EngineRequest(prompt(5, 33), replace(GREEDY, max_new_tokens=500), running.put))
+        running.get(timeout=60)  # it is decoding
+        prefill_shapes.clear()
+        steps.clear()
+        answers(engine, [prompt(21, 34)], together=True)
+        assert prefill_shapes == [(1, 4)] * 5 + [(1, 1)]
+        assert all(k in steps for k in range(1, 6))  # a decode step after each chunk but the last
     finally:
         engine.close()
 

@@ -1,11 +1,13 @@
 """The scheduler: one thread owns the model and runs continuous batching over RNN rows.
 
-Each loop: the queued requests join together (up to `max_batch` rows and about
-`prefill_budget` prompt tokens a turn, so a burst of long prompts is spread over several
-turns with a decode step for the running rows between them): the longest cached prefix of
-each conversation is restored from the `StateCache`; the part up to its last image runs
-alone (towers, placeholders; that state is cached too); the remaining text tails of equal
-length are prefilled as one batch. Then every active row picks its next token (greedy
+Each loop: the queued requests join together (up to `max_batch` rows): the longest cached
+prefix of each conversation is restored from the `StateCache`; the part up to its last
+image runs alone (towers, placeholders; that state is cached too); the text tails are
+prefilled in chunks of `PREFILL_CHUNK` tokens counted from each tail's start (so a tail is
+cut the same way alone or in a crowd), the chunks of equal length as one batch, up to
+`prefill_budget` tokens a turn: a burst of long prompts is spread over several turns with a
+decode step for the running rows between them. A request whose tail is done becomes a
+row. Then every active row picks its next token (greedy
 penalty-free rows in one argmax over the batch, the others with their own
 `Sampler`: own config and seed) and all rows that go on advance in one `DecodeBatch.step`.
 Finished rows leave at once, and their state is cached under the conversation so far, so
@@ -42,9 +44,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vrwkv.serve")
 STOP_OF_TURN = 261  # "\n\n" closes an answer in the template
-PREFILL_BUDGET = 2048
-"""Prompt tokens admitted per loop turn (at least one request; cached ones count too, the lookup
-comes later): bounds how long a burst of new requests holds up the running rows' decode steps."""
+PREFILL_CHUNK = 512
+"""Longest piece of a text tail prefilled in one forward."""
+PREFILL_BUDGET = 1024
+"""Prompt tokens prefilled per loop turn (at least one chunk): bounds how long new requests hold
+up the running rows' decode steps (images run whole when their request is taken)."""
 
 
 @dataclass
@@ -126,13 +130,20 @@ class _Row:
 
 @dataclass
 class _Pending:
-    """A request between the cache lookup and the batched prefill of its text tail."""
+    """A request whose text tail is being prefilled."""
 
     req: EngineRequest
     n_cached: int
     pos: int
-    """Prompt tokens in `state` (the cached prefix and the images)."""
+    """Prompt tokens in `state` (the cached prefix, the images, the chunks run so far)."""
     state: RWKVState | None
+    tail: int
+    """Where the text tail starts (chunks are counted from here)."""
+
+    @property
+    def chunk(self) -> int:
+        """Tokens of the next chunk."""
+        return min(len(self.req.ids) - self.pos, PREFILL_CHUNK - (self.pos - self.tail) % PREFILL_CHUNK)
 
 
 class Engine:
@@ -153,6 +164,7 @@ class Engine:
         self.cache_misses = 0
         self._queue: deque[EngineRequest] = deque()
         self._rows: dict[int, _Row] = {}
+        self._prefilling: list[_Pending] = []
         self._batch = DecodeBatch(model)
         self._ids = itertools.count()
         self._cv = threading.Condition()
@@ -180,7 +192,8 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        """Requests waiting for their first token: queued or being prefilled."""
+        return len(self._queue) + len(self._prefilling)
 
     def abort_all(self) -> None:
         """Ends every running answer (finish reason `abort`), fails the queued ones, refuses new ones."""
@@ -200,7 +213,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and not self._rows and not self._aborting:
+                while not self._queue and not self._rows and not self._prefilling and not self._aborting:
                     self._cv.wait()
                 if self._aborting:
                     queued, self._queue = list(self._queue), deque()
@@ -208,6 +221,8 @@ class Engine:
                     queued = self._take_queued()
                 self._gauges()
             if self._aborting:
+                queued += [p.req for p in self._prefilling]
+                self._prefilling = []
                 for req in queued:
                     _send(req, Failed(503, "the server is shutting down", "server_shutting_down"))
                 for rid in list(self._rows):
@@ -221,6 +236,7 @@ class Engine:
                         self._cv.wait(0.5)
                 continue
             self._admit([req for req in queued if not req.cancelled])
+            self._prefill_turn()
             self._drop_cancelled()
             if self._rows:
                 try:
@@ -235,24 +251,16 @@ class Engine:
 
     def _gauges(self) -> None:
         if self.metrics is not None:
-            self.metrics.set_load(len(self._rows), len(self._queue), self.cache.nbytes)
+            self.metrics.set_load(len(self._rows), self.queue_depth, self.cache.nbytes)
 
     def _take_queued(self) -> list[EngineRequest]:
-        """The queued requests that join now: up to the free rows and `prefill_budget` tokens
-        (the first one always). Called with the lock held."""
-        free = self.max_batch - len(self._rows)
-        taken: list[EngineRequest] = []
-        budget = self.prefill_budget
-        while self._queue and len(taken) < free and (not taken or len(self._queue[0].ids) <= budget):
-            req = self._queue.popleft()
-            budget -= len(req.ids)
-            taken.append(req)
-        return taken
+        """The queued requests that join now: as many as there are free rows. Called with the lock held."""
+        free = self.max_batch - len(self._rows) - len(self._prefilling)
+        return [self._queue.popleft() for _ in range(min(max(free, 0), len(self._queue)))]
 
     def _admit(self, reqs: list[EngineRequest]) -> None:
-        """Restores each request's longest cached prefix and runs its images, then prefills the
-        text tails of equal length together and adds the rows to the batch."""
-        groups: dict[tuple[int, bool], list[_Pending]] = {}
+        """Restores each request's longest cached prefix and runs its images; its text tail waits
+        for `_prefill_turn`."""
         for req in reqs:
             try:
                 start, state = self._lookup(req)
@@ -261,20 +269,42 @@ class Engine:
                 log.exception("prefill failed")
                 _send(req, Failed(500, f"prefill failed: {type(err).__name__}: {err}"))
                 continue
+            self._prefilling.append(_Pending(req, start, pos, state, pos))
+
+    def _prefill_turn(self) -> None:
+        """Runs up to `prefill_budget` tokens of the text tails, the chunks of equal length (and
+        alike in having a state) as one batch; the requests whose tail is done join the batch."""
+        groups: dict[tuple[int, bool], list[_Pending]] = {}
+        for p in self._prefilling:
             # a learned initial state (state tuning) stands in for None, so None rows batch apart
-            groups.setdefault((len(req.ids) - pos, state is None), []).append(_Pending(req, start, pos, state))
-        for group in groups.values():
+            groups.setdefault((p.chunk, p.state is None), []).append(p)
+        budget = self.prefill_budget
+        for (n, _), group in groups.items():
+            if budget < n and budget < self.prefill_budget:
+                break
+            group = group[: max(1, budget // n)]
+            budget -= n * len(group)
             try:
-                ids = torch.tensor([p.req.ids[p.pos :] for p in group])
+                ids = torch.tensor([p.req.ids[p.pos : p.pos + n] for p in group])
                 states = [p.state for p in group if p.state is not None]
                 logits, state = prefill(self.model, ids, None, RWKVState.cat(states) if states else None)
             except Exception as err:
                 log.exception("prefill failed")
                 for p in group:
+                    self._prefilling.remove(p)
                     _send(p.req, Failed(500, f"prefill failed: {type(err).__name__}: {err}"))
                 continue
-            rids = [self._add_row(p.req, p.n_cached, logits.shape[-1], logits.device) for p in group]
-            self._batch.add(rids, logits, state)
+            done = [i for i, p in enumerate(group) if p.pos + n == len(p.req.ids)]
+            for i, p in enumerate(group):
+                p.pos += n
+                if i not in done:
+                    p.state = state[i]
+            for p in (group[i] for i in done):
+                self._prefilling.remove(p)
+            if done:
+                rows = slice(None) if len(done) == len(group) else done
+                rids = [self._add_row(group[i].req, group[i].n_cached, logits.shape[-1], logits.device) for i in done]
+                self._batch.add(rids, logits[rows], state.select(rows))
 
     def _add_row(self, req: EngineRequest, n_cached: int, vocab: int, device: torch.device) -> int:
         """A new row's bookkeeping (sampler, text, stops); returns its id."""
@@ -336,6 +366,7 @@ class Engine:
         return start + split, state
 
     def _drop_cancelled(self) -> None:
+        self._prefilling = [p for p in self._prefilling if not p.req.cancelled]
         gone = [rid for rid, row in self._rows.items() if row.req.cancelled]
         for rid in gone:
             del self._rows[rid]
