@@ -225,6 +225,18 @@ def test_disconnect_mid_stream_frees_the_row(live):
     assert live.engine.active_rows == 0
 
 
+def test_disconnect_while_waiting_for_a_plain_answer_frees_the_row(live):
+    body = {"model": live.model_name, "messages": [image_msg("Tell me a long story.")], "max_tokens": 100_000,
+            "ignore_eos": True, "temperature": 0}  # fmt: skip
+    with httpx.Client(timeout=httpx.Timeout(30, read=1.0)) as http:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            http.post(live.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    deadline = time.monotonic() + 10
+    while live.engine.active_rows != 0:
+        assert time.monotonic() < deadline, "the row of a disconnected client was not freed"
+        time.sleep(0.05)
+
+
 def test_metrics_count_requests_and_tokens(live, client):
     before = live.metric("vrwkv_generation_tokens_total")
     r = client.chat.completions.create(model=live.model_name, messages=[image_msg("Color?")], max_tokens=3,

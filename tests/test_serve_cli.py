@@ -91,3 +91,19 @@ def test_bench_serve_tiny():
         ("decode tokens/s", "1 client"), ("decode tokens/s", "2 clients"),
         ("follow-up TTFT", "re-prefill 85 tokens"), ("follow-up TTFT", "state cache (16 new tokens)")]  # fmt: skip
     assert rows[0]["ratio"] == 1.0 and all(r["value"] > 0 for r in rows)
+    assert rows[0]["with_prefill_ratio"] == 1.0 and rows[1]["with_prefill"] > 0
+    # with prefill counts the first token and its wait too: at one client, fewer tokens/s than decode alone
+    assert rows[0]["with_prefill"] < rows[0]["value"] * 4 / 3
+
+
+def test_bench_serve_cpu_clock_and_bad_sizes():
+    from vrwkv_core.bench.serve import run_serve_bench
+    from vrwkv_core.errors import VrwkvError
+
+    rows = run_serve_bench(threads=1, n_layer=1, n_embd=64, vocab_size=1000, clients=(1, 2), decode_tokens=3,
+                           conversation=32, repeats=1, clock="cpu")  # fmt: skip
+    assert len(rows) == 4 and all(r["value"] > 0 for r in rows)
+    with pytest.raises(VrwkvError, match="decode_tokens must be >= 2"):
+        run_serve_bench(decode_tokens=1)
+    with pytest.raises(VrwkvError, match="clock must be one of"):
+        run_serve_bench(clock="sundial")

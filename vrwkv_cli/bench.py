@@ -106,12 +106,15 @@ def serve(
     decode_tokens: Annotated[int, typer.Option(help="Tokens each client asks for.")] = 32,
     conversation: Annotated[int, typer.Option(help="Tokens of the conversation before the follow-up turn.")] = 2000,
     device: Annotated[str, typer.Option(help="cpu or cuda (fp32).")] = "cpu",
+    clock: Annotated[Clock, typer.Option(
+        help="wall (elapsed) or cpu (process CPU time, all threads; steadier on a busy shared machine, "
+             "with --threads 1).")] = Clock.wall,  # fmt: skip
     as_json: JsonOpt = False,
 ) -> None:
     """The serving engine: decode tokens/s at 1, 4, 16 concurrent clients; follow-up TTFT with the
     state cache vs re-prefilling the conversation (0.1B shape, random weights).
 
-    Example: vrwkv bench serve
+    Example: vrwkv bench serve   (on a busy machine: vrwkv bench serve --threads 1 --clock cpu)
     """
     from vrwkv_cli.common import print_rows
     from vrwkv_core.bench.serve import run_serve_bench
@@ -122,7 +125,8 @@ def serve(
     except ValueError:
         raise VrwkvError(f"--clients {clients!r}: give comma-separated numbers, e.g. 1,4,16") from None
     rows = run_serve_bench(threads=threads, n_layer=layers, n_embd=embd, vocab_size=vocab, clients=ks,
-                           decode_tokens=decode_tokens, conversation=conversation, device=device)  # fmt: skip
+                           decode_tokens=decode_tokens, conversation=conversation, device=device,
+                           clock=clock.value)  # fmt: skip
     print_rows(rows, f"serve engine L{layers} D{embd} random weights", as_json)
 
 

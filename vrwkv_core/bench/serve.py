@@ -4,12 +4,18 @@ A random-weight RWKV-7 (0.1B shape by default: L12 D768, vocab 65536; made as `b
 makes its checkpoint) runs in the `Engine` that `vrwkv serve` uses, with clients as
 threads submitting requests directly (no HTTP):
 
-- decode: k clients each ask for `decode_tokens` tokens (ignore_eos, greedy) at once;
-  aggregate tokens/s = all tokens / wall time from submission to the last answer, for
-  each k in `clients`; ratio over one client;
+- decode: k clients each send a 16-token prompt and ask for `decode_tokens` tokens
+  (ignore_eos, greedy) at once, for each k in `clients`. "decode tokens/s" (the issue's
+  aggregate decode throughput) = the tokens after each client's first one / the time from
+  the first client's first token to the last answer's end; "with prefill" = all tokens /
+  the time from submission to the last answer. Ratios are over one client;
 - follow-up TTFT: a `conversation`-token first turn is answered, then the follow-up turn
   (which repeats it) is timed to its first token with the state cache (only the new
   tokens run) and after clearing the cache (the whole conversation is prefilled).
+
+`clock="cpu"` times the process's CPU time instead of wall time (all threads: the
+scheduler's and the clients'): with threads=1 it is robust on a busy shared machine.
+`fast_batch` decodes through `use_batched_route` (oneDNN-packed matrices for several rows).
 
     python -c "from vrwkv_core.bench.serve import run_serve_bench; print(run_serve_bench(n_layer=2, n_embd=64))"
 """
@@ -24,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from vrwkv_core.bench.lm import random_rwkv7_weights
+from vrwkv_core.bench.lm import _CLOCKS, random_rwkv7_weights
 from vrwkv_core.config import RWKVSection
+from vrwkv_core.errors import VrwkvError
 from vrwkv_core.infer import GenerationConfig
 from vrwkv_core.model.rwkv.rwkv7 import RWKV7
 from vrwkv_core.serve.engine import Delta, Engine, EngineRequest, Finished, answer_text
@@ -42,21 +49,39 @@ def _model(cfg: RWKVSection, device: str = "cpu") -> torch.nn.Module:
     return model.to(device)
 
 
-def _ask(engine, ids: list[int], max_tokens: int, boundaries: list[int] | None = None) -> tuple[float, float, object]:
-    """Submits one request and waits: (seconds to first token, seconds to the end, Finished)."""
+def _ask(engine, ids: list[int], max_tokens: int, boundaries: list[int] | None = None,
+         timer=time.perf_counter) -> tuple[float, float, object]:  # fmt: skip
+    """Submits one request and waits: (time of the first token, time of the end, Finished) on `timer`."""
     events: queue.Queue = queue.Queue()
     cfg = GenerationConfig(max_new_tokens=max_tokens, temperature=0.0, stop_tokens=())
-    t0 = time.perf_counter()
     engine.submit(EngineRequest(list(ids), cfg, events.put, boundaries=boundaries or []))
     first = None
     while True:
         ev = events.get()
         if first is None and isinstance(ev, (Delta, Finished)):
-            first = time.perf_counter() - t0
+            first = timer()
         if isinstance(ev, Finished):
-            return first, time.perf_counter() - t0, ev
+            return first, timer(), ev
         if not isinstance(ev, Delta):
             raise RuntimeError(f"request failed: {ev}")
+
+
+def _clients(engine, prompts: list[list[int]], max_tokens: int, timer) -> tuple[float, float]:
+    """k clients at once: (seconds from the first client's first token to the last end, seconds
+    from submission to the last end)."""
+    times: list = [None] * len(prompts)
+
+    def client(i: int) -> None:
+        times[i] = _ask(engine, prompts[i], max_tokens, timer=timer)
+
+    t0 = timer()
+    workers = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    end = max(t[1] for t in times)
+    return end - min(t[0] for t in times), end - t0
 
 
 @torch.no_grad()
@@ -70,13 +95,23 @@ def run_serve_bench(
     conversation: int = 2000,
     repeats: int = 2,
     device: str = "cpu",
+    clock: str = "wall",
+    fast_batch: bool = False,
 ) -> list[dict]:
-    """Rows {"measure", "setting", "value", "unit", "ratio"} (see the module docstring)."""
+    """Rows {"measure", "setting", "value", "unit", "ratio"}, the decode rows also "with_prefill"
+    and "with_prefill_ratio" (see the module docstring)."""
+    if clock not in _CLOCKS:
+        raise VrwkvError(f"clock must be one of {', '.join(_CLOCKS)}, got {clock!r}")
+    if decode_tokens < 2:
+        raise VrwkvError(f"decode_tokens must be >= 2 (the first token ends the prefill), got {decode_tokens}")
+    timer = _CLOCKS[clock]
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         cfg = RWKVSection(n_layer=n_layer, n_embd=n_embd, head_size=64 if n_embd >= 64 else n_embd, vocab_size=vocab_size)
         model = _model(cfg, device)
+        if fast_batch:
+            model.use_batched_route()
         engine = Engine(model, default_tokenizer(), max_batch=max(clients), max_queue=max(clients), state_cache_mb=1024)
         g = torch.Generator().manual_seed(0)
 
@@ -87,20 +122,15 @@ def run_serve_bench(
         _ask(engine, prompt(8), 4)  # warm-up
         base = None
         for k in clients:
-            best = float("inf")
+            decode, total = float("inf"), float("inf")
             for _ in range(repeats):
-                prompts = [prompt(16) for _ in range(k)]
-                t0 = time.perf_counter()
-                workers = [threading.Thread(target=_ask, args=(engine, p, decode_tokens)) for p in prompts]
-                for w in workers:
-                    w.start()
-                for w in workers:
-                    w.join()
-                best = min(best, time.perf_counter() - t0)
-            tps = k * decode_tokens / best
-            base = base or tps
+                d, t = _clients(engine, [prompt(16) for _ in range(k)], decode_tokens, timer)
+                decode, total = min(decode, d), min(total, t)
+            tps, e2e = k * (decode_tokens - 1) / decode, k * decode_tokens / total
+            base = base or (tps, e2e)
             rows.append({"measure": "decode tokens/s", "setting": f"{k} client{'s' if k > 1 else ''}",
-                         "value": round(tps, 1), "unit": "tok/s", "ratio": round(tps / base, 2)})  # fmt: skip
+                         "value": round(tps, 1), "unit": "tok/s", "ratio": round(tps / base[0], 2),
+                         "with_prefill": round(e2e, 1), "with_prefill_ratio": round(e2e / base[1], 2)})  # fmt: skip
 
         first_turn = prompt(conversation)
         follow, b = first_turn, 0
@@ -112,11 +142,15 @@ def run_serve_bench(
             answer = engine.memo.get(answer_text(done.text))
             follow = first_turn + (answer or []) + prompt(16)
             b = len(first_turn) + len(answer or [])
-            t_cached, _, ev = _ask(engine, follow, 1, boundaries=[b])
+            t0 = timer()
+            t_cached, _, ev = _ask(engine, follow, 1, boundaries=[b], timer=timer)
+            t_cached -= t0
             assert ev.n_cached > 0, "the follow-up did not hit the state cache"
             cached = min(cached, t_cached)
             engine.cache.clear()
-            t_full, _, ev = _ask(engine, follow, 1, boundaries=[b])
+            t0 = timer()
+            t_full, _, ev = _ask(engine, follow, 1, boundaries=[b], timer=timer)
+            t_full -= t0
             assert ev.n_cached == 0
             full = min(full, t_full)
         rows.append({"measure": "follow-up TTFT", "setting": f"re-prefill {len(follow)} tokens",

@@ -2,8 +2,8 @@
 
 Request handling stays off the scheduler thread: the prompt is built (images decoded,
 ids encoded, limits checked) in a worker thread, the request is queued on the engine,
-and its events come back through an asyncio queue. A streamed answer whose client goes
-away marks the request cancelled, and the scheduler drops its row before the next step.
+and its events come back through an asyncio queue. A client that goes away (streamed or
+not) marks its request cancelled, and the scheduler drops its row before the next step.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def create_app(engine: Engine, settings: ServeSettings, metrics: Metrics | None 
         return S.dump(S.ModelList(data=[S.ModelCard(id=settings.model_name, created=created)]))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat_completions(body: S.ChatCompletionRequest) -> Any:
+    async def chat_completions(body: S.ChatCompletionRequest, request: Request) -> Any:
         try:
             req, events, n_prompt = await _queue_request(body)
         except ApiError:
@@ -113,6 +113,7 @@ def create_app(engine: Engine, settings: ServeSettings, metrics: Metrics | None 
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_stream(cid, now, req, events, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, req))
         try:
             while True:
                 event = await events.get()
@@ -122,6 +123,7 @@ def create_app(engine: Engine, settings: ServeSettings, metrics: Metrics | None 
                 if isinstance(event, Finished):
                     break
         finally:
+            watcher.cancel()
             req.cancelled = True  # no-op once finished; frees the row if this handler is cancelled
         metrics.requests.labels("ok").inc()
         out = S.ChatCompletion(id=cid, created=now, model=settings.model_name, usage=_usage(event),
@@ -193,6 +195,14 @@ def create_app(engine: Engine, settings: ServeSettings, metrics: Metrics | None 
             req.cancelled = True  # the client went away (or the answer ended): free the row
 
     return app
+
+
+async def _cancel_on_disconnect(request: Request, req: EngineRequest) -> None:
+    """Cancels `req` when its client goes away while it waits for a non-streamed answer (the body
+    is read, so the next ASGI message is the disconnect); its row leaves before the next step."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    req.cancelled = True
 
 
 def _config(body: S.ChatCompletionRequest) -> GenerationConfig:
