@@ -22,7 +22,8 @@ from vrwkv_core.model.rwkv.quant import QuantLinear, quantize_int4, unpack_int4
 
 CFG = RWKVSection(n_layer=2, n_embd=256, head_size=64, vocab_size=1000)
 # relative logit error ||l - l_fp32|| / ||l_fp32|| on random weights (which exaggerate it)
-BOUNDS = {"fp16": 2e-3, "int8": 4e-2, "int4": 0.3}
+# (int8's activations are quantized too, per row: fbgemm's dynamic int8 kernel)
+BOUNDS = {"fp16": 2e-3, "int8": 6e-2, "int4": 0.3}
 
 
 def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -75,6 +76,19 @@ def test_int4_scales_beat_plain_rounding_and_the_kernel_matches_the_codes():
         y = layer(x)  # the packed CPU kernel (bf16 activations)
     assert _rel(y, x @ ours.t()) < 1e-2
     assert layer.dequantized().equal(ours)
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])
+@torch.no_grad()
+def test_a_row_gets_the_same_bits_alone_or_among_other_rows(fmt):
+    g = torch.Generator().manual_seed(1)
+    layer = QuantLinear.from_linear(torch.randn(96, 256, generator=g) / 16, fmt, 128)
+    x = torch.randn(8, 256, generator=g)
+    x[5] *= 1000  # a row with a far larger range must not change the others' quantization
+    batched = layer(x)
+    for i in (0, 5, 7):
+        assert torch.equal(layer(x[i : i + 1])[0], batched[i]), i
+    assert _rel(batched, x @ layer.dequantized().t()) < 2e-2  # and it is the stored weight's product
 
 
 def test_quantize_rejects_unknown_formats_and_twice():

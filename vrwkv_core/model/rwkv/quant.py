@@ -7,7 +7,8 @@ Notable:
   and `offsets` [out, in/G], with w ~ (q - 8) * scale + offset. Nothing in them depends on
   the CPU or the torch version; `repack()` builds the kernel layout from them.
 - CPU decoding goes through torch's own packed kernels: `quantized.linear_dynamic_fp16`
-  (fp16 weights, fp32 activations), `aten._weight_int8pack_mm` and
+  (fp16 weights, fp32 activations), fbgemm's `quantized.linear_dynamic` for int8 (its
+  activations quantized per call; `aten._weight_int8pack_mm` where fbgemm is missing) and
   `aten._weight_int4pack_mm_for_cpu` (bf16 activations). Elsewhere (CUDA, or a torch build
   without them) the weight is dequantized per call: slower, the same function.
 - int4 scales are chosen per group to minimise the squared weight error: a grid over
@@ -18,6 +19,7 @@ Notable:
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Mapping
 
 import torch
@@ -115,6 +117,38 @@ def _has_op(ns: str, name: str) -> bool:
     return hasattr(getattr(torch.ops, ns), name)
 
 
+def _int8_fbgemm(q: torch.Tensor, scales: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """x @ w.T through fbgemm's dynamic int8 linear: 2.5x faster than `_weight_int8pack_mm`
+    here (65536x768, one thread: 3.1 vs 7.8 ms), ~1e-2 relative error per product. None
+    where the build has no fbgemm.
+
+    fbgemm quantizes the activations per call with one range for the whole [M, K] input, so a
+    row's result would depend on the other rows (eval and serve promise answers that do not
+    depend on the batch). Each row is scaled to max |x| = 1 and gets two guard inputs +1, -1
+    (against zero weight columns): the range is then [-1, 1] at any batch, and a row gets
+    the same bits alone or batched.
+    """
+    if "fbgemm" not in torch.backends.quantized.supported_engines or not _has_op("quantized", "linear_dynamic"):
+        return None
+    n_out = q.shape[0]
+    guarded = torch.cat((q, q.new_zeros(n_out, 2)), 1)
+    with warnings.catch_warnings():  # quantized tensors are deprecated; this packed kernel is not replaced yet
+        warnings.simplefilter("ignore")
+        qt = torch._make_per_channel_quantized_tensor(guarded, scales.double(), torch.zeros(n_out, dtype=torch.long), 0)
+        packed = torch.ops.quantized.linear_prepack(qt, None)
+    # without VNNI, fbgemm's u8 x s8 pair sums saturate at int16: 7-bit activations avoid that
+    reduce_range = not getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
+    op, guard = torch.ops.quantized.linear_dynamic, torch.tensor([[1.0, -1.0]])
+
+    def int8(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        m = xf.abs().amax(-1, keepdim=True).clamp_min_(1e-30)  # a zero row stays zero
+        xp = torch.cat((xf / m, guard.expand(xf.shape[0], 2)), -1)
+        return (op(xp, packed, reduce_range) * m).to(x.dtype)
+
+    return int8
+
+
 class QuantLinear(nn.Module):
     """A bias-free linear layer with fp16, int8 or int4 weights (weight-only: activations stay
     in the model's dtype). Build with `from_linear` or, for loading, `empty`."""
@@ -199,6 +233,9 @@ class QuantLinear(nn.Module):
 
             return fp16
         if self.fmt == "int8":
+            fbgemm = _int8_fbgemm(self.qweight, self.scales)
+            if fbgemm is not None:
+                return fbgemm
             if not _has_op("aten", "_weight_int8pack_mm"):
                 return None
             q, s = self.qweight, self.scales
