@@ -108,7 +108,8 @@ def test_a_visual_rwkv_keeps_its_towers_and_a_bf16_model_keeps_its_scales():
     vlm.to(torch.bfloat16)  # the model's dtype changes; the stored codes and scales do not
     key = vlm.rwkv.blocks[0].ffn.key
     assert key.scales.dtype == key.offsets.dtype == torch.bfloat16 and key.qweight.dtype == torch.uint8
-    assert vlm.rwkv.head.fmt == "fp16" and vlm.rwkv.head.weight16.dtype == torch.float16  # int4's default head
+    head = vlm.rwkv.head  # int4's default head: int8
+    assert head.fmt == "int8" and head.qweight.dtype == torch.int8 and head.scales.dtype == torch.bfloat16
     out, _ = vlm.rwkv(torch.tensor([[1, 2, 3]]))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 

@@ -202,12 +202,9 @@ class TimeMix(nn.Module):
         k = linear(M["key"], xk)
         v = linear(M["value"], xv)
         lora = self._lora
-        # the three sigmoid LoRAs share one bias add and one sigmoid: rows w, a, v [3 | 2, B, C]
         first = self.layer_id == 0
-        z = torch.stack((lora("w2", torch.tanh(lora("w1", xw))), lora("a2", lora("a1", xa)))
-                        + (() if first else (lora("v2", lora("v1", xv)),)))  # fmt: skip
-        z = (z + (torch.cat((P["w0"], P["a0"])) if first else torch.cat((P["w0"], P["a0"], P["v0"])))).sigmoid_()
-        a = z[1]
+        w = lora("w2", torch.tanh(lora("w1", xw)))
+        a = torch.sigmoid(lora("a2", lora("a1", xa)).add_(P["a0"].view(1, C)))
         g = lora("g2", torch.sigmoid(lora("g1", xg)))
         kk = (k * P["k_k"].view(C)).view(B, H, N)
         kk = kk / torch.linalg.vector_norm(kk, dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize
@@ -215,9 +212,9 @@ class TimeMix(nn.Module):
         if first:
             v_first = v
         else:
-            v = torch.lerp(v, v_first, z[2])
+            v = torch.lerp(v, v_first, torch.sigmoid(lora("v2", lora("v1", xv)).add_(P["v0"].view(1, C))))
         # decay = exp(-exp(-0.5) * sigmoid(z)); a single step needs no log-space care
-        w = torch.exp(z[0].float() * DECAY_SCALE).view(B, H, 1, N)
+        w = torch.exp(torch.sigmoid(w.add_(P["w0"].view(1, C)).float()) * DECAY_SCALE).view(B, H, 1, N)
 
         f32 = torch.float32
         r4, k4, v4 = r.view(B, H, 1, N), k.view(B, H, 1, N), v.view(B, H, N, 1)
