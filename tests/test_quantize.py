@@ -91,6 +91,23 @@ def test_a_row_gets_the_same_bits_alone_or_among_other_rows(fmt):
     assert _rel(batched, x @ layer.dequantized().t()) < 2e-2  # and it is the stored weight's product
 
 
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])
+@torch.no_grad()
+def test_a_decode_step_gives_a_row_the_same_logits_alone_or_among_seven_others(fmt):
+    lm = quantize(RWKV7.from_state_dict(random_rwkv7_weights(CFG, seed=4)).eval(), fmt).optimize_for_inference()
+    ids = torch.randint(0, 1000, (8, 5), generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the decode route of one thread (numpy LoRA rows)
+    try:
+        _, state = lm(ids[:, :4])
+        batched, _ = lm(ids[:, 4:], state=state)
+        for i in (0, 6):
+            alone, _ = lm(ids[i : i + 1, 4:], state=state[i])
+            assert torch.equal(alone[0], batched[i]), i
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_quantize_rejects_unknown_formats_and_twice():
     model = RWKV7.from_state_dict(random_rwkv7_weights(CFG))
     with pytest.raises(VrwkvError, match="unknown quantization 'int3'"):
