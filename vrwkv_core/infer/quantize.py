@@ -10,7 +10,7 @@ faster than MKL for these shapes).
 
 `fp16` is fp16 weight storage with the model's activations (unlike `--dtype`, which sets
 the compute dtype); int8 is per output channel; int4 is groupwise (group 128) with
-error-minimising scales, its head in fp16 by default (`head=` picks another format).
+error-minimising scales, its head in int8 by default (`head=` picks another format).
 
     from vrwkv_core import quantize
     quantize(vlm, "int8")        # returns vlm; vlm.rwkv.quant == "int8"
@@ -29,7 +29,7 @@ from vrwkv_core.model.rwkv.quant import FORMATS, HEAD_DEFAULT, quantize_lm
 def quantize(model: nn.Module, fmt: str, head: str | None = None, lora: bool = True) -> Any:
     """Quantizes an RWKV-7/RWKV-6 LM (or the LM of a VisualRWKV) in place, returns `model`.
 
-    `fmt` is fp16, int8 or int4; `head` the head's format (None: int8 for int8, else fp16); `lora=False` leaves the RWKV-7 LoRA matrices on their fp32 path.
+    `fmt` is fp16, int8 or int4; `head` the head's format (None: fp16 for fp16, else int8); `lora=False` leaves the RWKV-7 LoRA matrices on their fp32 path.
     """
     if fmt not in FORMATS:
         raise VrwkvError(f"unknown quantization {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")

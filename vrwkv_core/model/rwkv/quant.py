@@ -7,7 +7,8 @@ Notable:
   and `offsets` [out, in/G], with w ~ (q - 8) * scale + offset. Nothing in them depends on
   the CPU or the torch version; `repack()` builds the kernel layout from them.
 - CPU decoding goes through torch's own packed kernels: `quantized.linear_dynamic_fp16`
-  (fp16 weights, fp32 activations), `aten._weight_int8pack_mm` and
+  (fp16 weights, fp32 activations), fbgemm's `quantized.linear_dynamic` for int8 (its
+  activations quantized per call; `aten._weight_int8pack_mm` where fbgemm is missing) and
   `aten._weight_int4pack_mm_for_cpu` (bf16 activations). Elsewhere (CUDA, or a torch build
   without them) the weight is dequantized per call: slower, the same function.
 - int4 scales are chosen per group to minimise the squared weight error: a grid over
@@ -18,6 +19,8 @@ Notable:
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Callable, Mapping
 
 import torch
@@ -30,9 +33,9 @@ FORMATS = ("fp16", "int8", "int4")
 INT4_GROUP = 128  # the kernel takes 32, 64, 128 or 256; rows shorter than this use a smaller one
 _CLIP_RATIOS = torch.linspace(1.0, 0.7, 7).tolist()
 STORED_DTYPES = {"weight16": torch.float16, "scales": torch.bfloat16, "offsets": torch.bfloat16}
-# int4's head in fp16: more accurate than int4 or int8 and, through the fp16 kernel, faster
-# than int8's (65536x768, one thread: fp16 3.8 ms, int8 7.4 ms, int4 2.7 ms)
-HEAD_DEFAULT = {"fp16": "fp16", "int8": "int8", "int4": "fp16"}
+# int4's head in int8: far more accurate than int4 and, through fbgemm, faster than fp16
+# (65536x768, one thread: int8 3.1 ms, fp16 3.8 ms, int4 2.7 ms)
+HEAD_DEFAULT = {"fp16": "fp16", "int8": "int8", "int4": "int8"}
 LORA_NAMES = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 
 
@@ -113,6 +116,38 @@ def unpack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def _has_op(ns: str, name: str) -> bool:
     return hasattr(getattr(torch.ops, ns), name)
+
+
+def _int8_fbgemm(q: torch.Tensor, scales: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """x @ w.T through fbgemm's dynamic int8 linear: 2.5x faster than `_weight_int8pack_mm`
+    here (65536x768, one thread: 3.1 vs 7.8 ms), ~1e-2 relative error per product. None
+    where the build has no fbgemm.
+
+    fbgemm quantizes the activations per call with one range for the whole [M, K] input, so a
+    row's result would depend on the other rows (eval and serve promise answers that do not
+    depend on the batch). Each row is scaled to max |x| = 1 and gets two guard inputs +1, -1
+    (against zero weight columns): the range is then [-1, 1] at any batch, and a row gets
+    the same bits alone or batched.
+    """
+    if "fbgemm" not in torch.backends.quantized.supported_engines or not _has_op("quantized", "linear_dynamic"):
+        return None
+    n_out = q.shape[0]
+    guarded = torch.cat((q, q.new_zeros(n_out, 2)), 1)
+    with warnings.catch_warnings():  # quantized tensors are deprecated; this packed kernel is not replaced yet
+        warnings.simplefilter("ignore")
+        qt = torch._make_per_channel_quantized_tensor(guarded, scales.double(), torch.zeros(n_out, dtype=torch.long), 0)
+        packed = torch.ops.quantized.linear_prepack(qt, None)
+    # without VNNI, fbgemm's u8 x s8 pair sums saturate at int16: 7-bit activations avoid that
+    reduce_range = not getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
+    op, guard = torch.ops.quantized.linear_dynamic, torch.tensor([[1.0, -1.0]])
+
+    def int8(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        m = torch.linalg.vector_norm(xf, math.inf, -1, keepdim=True).clamp_min_(1e-30)  # max |x|; a zero row stays zero
+        xp = torch.cat((xf / m, guard.expand(xf.shape[0], 2)), -1)
+        return (op(xp, packed, reduce_range) * m).to(x.dtype)
+
+    return int8
 
 
 class QuantLinear(nn.Module):
@@ -199,6 +234,9 @@ class QuantLinear(nn.Module):
 
             return fp16
         if self.fmt == "int8":
+            fbgemm = _int8_fbgemm(self.qweight, self.scales)
+            if fbgemm is not None:
+                return fbgemm
             if not _has_op("aten", "_weight_int8pack_mm"):
                 return None
             q, s = self.qweight, self.scales
@@ -229,6 +267,8 @@ class QuantLinear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fn is not None and x.dim() == 2 and not torch.is_grad_enabled():  # a decode step
+            return self._fn(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self._fn is not None and not torch.is_grad_enabled():
