@@ -41,6 +41,28 @@ def test_greedy_rows_decode_the_same_alone_and_in_a_batch(fmt):
     assert torch.equal(together, alone)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (CPU fp32 packed route)")
+@torch.no_grad()
+def test_the_packed_route_gives_a_row_the_same_bits_at_any_batch_size():
+    lm = RWKV7.from_state_dict(random_rwkv7_weights(CFG, seed=3)).eval().optimize_for_inference()
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ids = torch.randint(0, 300, (9, 6), generator=torch.Generator().manual_seed(1))
+        _, state = lm(ids[:, :5])
+        mkl = [decode_step(lm, ids[:b, 5], state.select(list(range(b))))[0][0] for b in (1, 9)]
+        assert not lm.batched_route
+        lm.use_batched_route()
+        assert lm.batched_route
+        rows = [decode_step(lm, ids[:b, 5], state.select(list(range(b)))) for b in (1, 2, 3, 9)]
+    finally:
+        torch.set_num_threads(old)
+    assert rows[0][1].batch_size == 1  # the lone row ran as two; one row of state comes back
+    for logits, _ in rows[1:]:
+        assert torch.equal(logits[0], rows[0][0][0])
+    torch.testing.assert_close(rows[0][0][0], mkl[0], rtol=0, atol=1e-4)  # the same model either way
+
+
 def test_the_fla_backend_is_lazy_and_its_absence_one_clear_error():
     x = torch.zeros(1, 2, 1, 64)
     if not fla.is_available():

@@ -26,6 +26,8 @@ def serve(
     max_image_mb: Annotated[float, typer.Option(help="Largest image accepted (more: 413).")] = 20,
     max_context: Annotated[int, typer.Option(help="Longest prompt in tokens (images included).")] = 8192,
     prefill_pad: PrefillPadOpt = True,
+    fast_batch: Annotated[bool, typer.Option(help="CPU fp32: decode through packed matrices (~2x faster for many "
+                                             "rows, the same answer alone or batched; one more fp32 copy of them).")] = True,
     quant: QuantOpt = None,
     adapter: AdapterOpt = None,
     state: StateOpt = None,
@@ -43,6 +45,6 @@ def serve(
 
     run_server(model, host=host, port=port, device=device, dtype=dtype, max_batch=max_batch, max_queue=max_queue,
                state_cache_mb=state_cache_mb, api_key=api_key, image_root=image_root, max_image_mb=max_image_mb,
-               max_context=max_context, prefill_pad=prefill_pad,
+               max_context=max_context, prefill_pad=prefill_pad, fast_batch=fast_batch,
                load_options={"quant": quant, "adapter": adapter, "state": state, "merge_adapter": merge_adapter,
                              "wkv_backend": wkv_backend}, say=lambda msg: typer.echo(msg, err=True))  # fmt: skip

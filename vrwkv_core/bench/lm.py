@@ -159,8 +159,8 @@ def run_lm_bench(
     the measured read bandwidth) and, for formats other than fp32, "logit_rel_err" (mean
     ||l - l_fp32|| / ||l_fp32||) and "top1_agree" over `quality_steps` teacher-forced steps.
     `batch` > 1 adds "vrwkv-b{batch}" decode rows (fp32, aggregate tokens/s, ratio over the
-    package's batch-1 decode): the default route and "-packed", the opt-in
-    `use_batched_route` (faster; a row's logits then depend on the batch at ~1e-6). `rss`
+    package's batch-1 decode): MKL's route and "-packed", `use_batched_route` (faster, and a
+    row's logits the same bits at any batch size: what eval and serve use on CPU fp32). `rss`
     adds "peak_rss_mb" (load + decode, each format in a fresh process, from its own saved
     file) and "lm_peak_mb" (that less the process's RSS before loading: python, torch,
     vrwkv) to the decode rows. Each time is the best of

@@ -96,7 +96,7 @@ def run_serve_bench(
     repeats: int = 2,
     device: str = "cpu",
     clock: str = "wall",
-    fast_batch: bool = False,
+    fast_batch: bool = True,
 ) -> list[dict]:
     """Rows {"measure", "setting", "value", "unit", "ratio"}, the decode rows also "with_prefill"
     and "with_prefill_ratio" (see the module docstring)."""
@@ -110,9 +110,8 @@ def run_serve_bench(
     try:
         cfg = RWKVSection(n_layer=n_layer, n_embd=n_embd, head_size=64 if n_embd >= 64 else n_embd, vocab_size=vocab_size)
         model = _model(cfg, device)
-        if fast_batch:
-            model.use_batched_route()
-        engine = Engine(model, default_tokenizer(), max_batch=max(clients), max_queue=max(clients), state_cache_mb=1024)
+        engine = Engine(model, default_tokenizer(), max_batch=max(clients), max_queue=max(clients), state_cache_mb=1024,
+                        fast_batch=fast_batch)
         g = torch.Generator().manual_seed(0)
 
         def prompt(n: int) -> list[int]:

@@ -268,7 +268,7 @@ def run_eval(
     wkv_backend: str | None = None,
     prefill_pad: bool = True,
     quant: str | None = None,
-    fast_batch: bool = False,
+    fast_batch: bool = True,
     progress: Progress | None = None,
     adapter: str | Path | None = None,
     state: str | Path | None = None,
@@ -281,8 +281,8 @@ def run_eval(
     (`Family.prefill_pad`; v7.00: to a multiple of 16 with token 261). `adapter`, `state`,
     `merge_adapter`: as `load_model`'s. `quant` (fp16, int8, int4) quantizes the language model's
     weights; a run's answers are not mixed with those of another `quant`. `fast_batch` decodes
-    fp32 batches through oneDNN-packed matrices (`use_batched_route`: ~1.8x faster at batch 8
-    on CPU; answers may then depend on `batch_size`, which by default they do not)."""
+    fp32 rows through oneDNN-packed matrices (`use_batched_route`: ~1.8x faster at batch 8 on
+    CPU, and a row gets the same bits at any `batch_size`, which MKL's route does not promise)."""
     bench = get_benchmark(benchmark)
     load_kw = {"download": download, "wkv_backend": wkv_backend, "adapter": adapter, "state": state,
                "merge_adapter": merge_adapter}  # fmt: skip

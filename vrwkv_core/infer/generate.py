@@ -186,6 +186,11 @@ def decode_step(lm: torch.nn.Module, tokens: torch.Tensor, state: RWKVState) -> 
     graphs = lm.__dict__.get("cuda_graphs")
     if graphs is not None:
         return graphs.step(tokens, state)
+    if tokens.numel() == 1 and getattr(lm, "batched_route", False):
+        # A lone row goes through the packed batch kernel as two copies of itself, so it gets
+        # the same bits as in any batch (see `use_batched_route`).
+        out, state = lm(tokens.view(1, 1).expand(2, 1).to(_device(lm)), state=RWKVState.cat([state, state]), logits="last")
+        return out[:1, -1].float(), state.select(slice(0, 1))
     out, state = lm(tokens.view(-1, 1).to(_device(lm)), state=state, logits="last")
     return out[:, -1].float(), state
 

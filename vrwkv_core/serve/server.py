@@ -47,11 +47,13 @@ def serve(
     max_image_mb: float = 20,
     max_context: int = 8192,
     prefill_pad: bool = True,
+    fast_batch: bool = True,
     load_options: dict[str, Any] | None = None,
     say: Callable[[str], None] = print,
 ) -> None:
     """Serves `model` until Ctrl-C / SIGTERM; `prefill_pad`: pad each conversation's first prefill
     as `chat` does (a new question about a cached image then hits the cache only when its pad matches);
+    `fast_batch`: see `Engine`;
     `load_options`: more `load_model` arguments (quant, adapter, state, merge_adapter, wkv_backend)."""
     if max_batch < 1 or max_queue < 0 or max_context < 1 or state_cache_mb < 0 or max_image_mb <= 0:
         raise VrwkvError("--max-batch and --max-context must be >= 1; --max-queue, --state-cache-mb >= 0; --max-image-mb > 0")
@@ -65,7 +67,7 @@ def serve(
     vlm = load_model(model, device=device, dtype=dtype, **(load_options or {}))
     metrics = Metrics()
     engine = Engine(vlm, default_tokenizer(), max_batch=max_batch, max_queue=max_queue,
-                    state_cache_mb=state_cache_mb, metrics=metrics)  # fmt: skip
+                    state_cache_mb=state_cache_mb, metrics=metrics, fast_batch=fast_batch)  # fmt: skip
     settings = ServeSettings(model_name=model, api_key=api_key, image_root=root,
                              max_image_bytes=int(max_image_mb * 2**20), max_context=max_context,
                              prefill_pad=prefill_pad)  # fmt: skip

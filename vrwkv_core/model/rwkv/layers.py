@@ -50,8 +50,7 @@ class Linear(nn.Linear):
     @torch.no_grad()
     def pack_batched(self) -> None:
         """An fp32 oneDNN-packed copy for no-grad steps of several rows ([B, C], B >= 2): 2-2.5x
-        faster than MKL at B=8 here, but its rounding differs from the B=1 path, so a row's
-        logits then depend (at ~1e-6) on its batch: opt-in (`RWKVLanguageModel.use_batched_route`)."""
+        faster than MKL at B=8 here; see `RWKVLanguageModel.use_batched_route`."""
         w = self.weight
         if w.device.type != "cpu" or w.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
             return
@@ -167,6 +166,7 @@ class RWKVLanguageModel(nn.Module):
     version = ""
     label = ""
     wkv_backends: tuple[str, ...] = ()
+    batched_route = False  # see use_batched_route
 
     def _build(self, cfg: Any, lora: Any, dim_ffn: int, make_block: Any, init: bool) -> None:
         """The layout both share: emb, blocks, ln_out, head, built on the meta device, then
@@ -323,13 +323,16 @@ class RWKVLanguageModel(nn.Module):
         return self
 
     def use_batched_route(self) -> Any:
-        """Opt-in: single-token steps of several fp32 rows go through oneDNN-packed copies of the
-        matrices (~2x faster at batch 8 on CPU; one more fp32 copy of them in memory). A row's
-        logits then differ at ~1e-6 between batch sizes, so greedy answers may (rarely) depend
-        on the batch size; without it they do not. Returns self."""
+        """Single-token steps of fp32 rows go through oneDNN-packed copies of the matrices (~2x
+        faster at batch 8 on CPU; one more fp32 copy of them in memory). With it a row's logits
+        are the same bits in any batch of 2 to 16 rows (measured on the 0.1B shape), and
+        `decode_step` runs a lone row as two, so answers do not depend on the batch at all;
+        MKL's default route rounds batches of 1-3 rows differently from larger ones (~1e-5).
+        Returns self."""
         for m in self.modules():
             if isinstance(m, Linear):
                 m.pack_batched()
+        self.batched_route = any(isinstance(m, Linear) and m._packed_rows is not None for m in self.modules())
         return self
 
     def optimize_for_inference(self) -> Any:

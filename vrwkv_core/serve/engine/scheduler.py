@@ -32,7 +32,7 @@ import torch
 
 from vrwkv_core.infer import DecodeBatch, GenerationConfig, Sampler, prefill, take_token
 from vrwkv_core.infer.batch import greedy_tokens
-from vrwkv_core.infer.generate import TextAssembler
+from vrwkv_core.infer.generate import TextAssembler, language_model
 from vrwkv_core.infer.sampling import IMAGE_TOKEN_ID
 from vrwkv_core.model.rwkv.state import RWKVState
 from vrwkv_core.serve.engine.cache import AnswerMemo, StateCache, prefix_key
@@ -151,7 +151,13 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer: RWKVTokenizer, max_batch: int = 16,
                  max_queue: int = 256, state_cache_mb: float = 1024, metrics: Any = None,
-                 prefill_budget: int = PREFILL_BUDGET) -> None:  # fmt: skip
+                 prefill_budget: int = PREFILL_BUDGET, fast_batch: bool = True) -> None:  # fmt: skip
+        """`fast_batch`: CPU fp32 steps through oneDNN-packed matrices (`use_batched_route`): ~2x
+        faster for many rows, and a request's answer is then the same bits alone or in any batch
+        (MKL's default route rounds small and large batches differently); one more fp32 copy of
+        the matrices in memory. A no-op on other devices and dtypes."""
+        if fast_batch:
+            language_model(model).use_batched_route()
         self.model = model
         self.tok = tokenizer
         self.max_batch = max_batch
