@@ -109,6 +109,7 @@ def serve(
     clock: Annotated[Clock, typer.Option(
         help="wall (elapsed) or cpu (process CPU time, all threads; steadier on a busy shared machine, "
              "with --threads 1).")] = Clock.wall,  # fmt: skip
+    fast_batch: Annotated[bool, typer.Option(help="CPU fp32: the packed route, as `vrwkv serve` by default.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """The serving engine: decode tokens/s at 1, 4, 16 concurrent clients; follow-up TTFT with the
@@ -126,7 +127,7 @@ def serve(
         raise VrwkvError(f"--clients {clients!r}: give comma-separated numbers, e.g. 1,4,16") from None
     rows = run_serve_bench(threads=threads, n_layer=layers, n_embd=embd, vocab_size=vocab, clients=ks,
                            decode_tokens=decode_tokens, conversation=conversation, device=device,
-                           clock=clock.value)  # fmt: skip
+                           clock=clock.value, fast_batch=fast_batch)  # fmt: skip
     print_rows(rows, f"serve engine L{layers} D{embd} random weights", as_json)
 
 
