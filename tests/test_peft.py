@@ -249,18 +249,3 @@ def test_a_peft_run_against_the_wrong_base_is_refused_in_one_line(peft_runs, tin
         apply_adapter(vlm, run, base=wrong)
     with pytest.raises(CheckpointError, match="trained on base"):  # resuming against another base
         _run(tiny_trained, "lora", METHODS["lora"] + ["finetune.max_steps=6", f"finetune.init_from={wrong}"], resume=True)
-
-
-@pytest.mark.slow
-def test_bench_train_counts_trainable_parameters_per_method() -> None:
-    from vrwkv_core.bench.train import run_train_bench
-
-    L, C, V, r = 2, 128, 1000, 8
-    rows = {row["method"]: row for row in run_train_bench(n_layer=L, n_embd=C, vocab=V, T=16, steps=1, rank=r,
-                                                          methods=("full", "lora", "state"))}  # fmt: skip
-    total = rows["full"]["lm_params"]
-    assert rows["full"]["trainable"] == total - V * C  # everything but the embedding
-    assert rows["lora"]["trainable"] == L * r * (4 * 2 * C + 2 * (C + 4 * C))
-    assert rows["state"]["trainable"] == L * (C // 64) * 64 * 64
-    assert all(row["peak_mib"] > 0 and row["step_s"] > 0 for row in rows.values())
-    assert rows["full"]["mem_vs_full"] == 1.0
