@@ -7,8 +7,10 @@ For the LM alone (no towers; RWKV-7 0.1B shape by default: L12 D768, vocab 65536
 head + loss only on the labelled positions (the answer: the last `labelled` share of each
 sample). It reports trainable parameters (and their share of the LM's), peak memory and the
 median step time. Peak memory: on CUDA the allocator's peak above what was allocated before
-the model; on CPU the process's peak RSS (ru_maxrss) above its RSS before the model, each
-method in a fresh spawned process so one method's peak cannot mask another's.
+the model; on CPU the process's peak RSS (ru_maxrss, its high-water mark restarted once the
+model is built so init temporaries do not count) above its RSS before the model, each method
+in a fresh spawned process so one method's peak cannot mask another's, with glibc told to
+give freed large blocks back (MALLOC_MMAP_THRESHOLD_), so the RSS follows live tensors.
 
 - full: every LM weight but the embedding trains (the released finetune freezes rwkv.emb);
 - lora: rank `rank` adapters through `peft` on all six matrices (att r/k/v/o, ffn key/value);
@@ -20,12 +22,14 @@ method in a fresh spawned process so one method's peak cannot mask another's.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +43,7 @@ METHODS = ("full", "lora", "lora-att", "state")
 ATT_TARGETS = [t for t in PEFT_TARGETS if t.startswith("att.")]
 WHAT = {"full": "all but emb", "lora": "att+ffn (6 matrices)", "lora-att": "att only (4 matrices)",
         "state": "initial WKV state"}  # fmt: skip
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc: a fixed threshold also stops its dynamic raising
 
 
 def _rss_bytes() -> int:
@@ -52,6 +57,16 @@ def _rss_bytes() -> int:
 
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _reset_peak_rss() -> None:
+    """Restarts the peak RSS from the current RSS (Linux >= 4.0), so temporaries of building the
+    model and its init are not counted as training memory; a no-op where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def answer_labels(ids: torch.Tensor, labelled: float) -> torch.Tensor:
@@ -92,6 +107,22 @@ def build_lm(method: str, cfg: dict[str, Any]) -> tuple[RWKV7, int]:
     return lm.train(), total
 
 
+@contextlib.contextmanager
+def _returning_malloc() -> Iterator[None]:
+    """Environment for a spawned child whose glibc malloc gives freed blocks of >= 64 KiB back to
+    the OS: by default it raises that threshold to 32 MiB after the first frees and keeps
+    freed activations in the heap, so the peak RSS would count the allocator's hoard."""
+    old = os.environ.get(MMAP_ENV)
+    os.environ[MMAP_ENV] = str(64 * 1024)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(MMAP_ENV, None)
+        else:
+            os.environ[MMAP_ENV] = old
+
+
 def measure(method: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """One method's row (runs in this process; see `run_train_bench` for fresh processes)."""
     importlib.import_module("peft")  # before the baseline: its import (transformers) is not training memory
@@ -111,6 +142,8 @@ def measure(method: str, cfg: dict[str, Any]) -> dict[str, Any]:
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type in ("cpu", "cuda"))
     ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["T"] + 1), device=device)
     labels = answer_labels(ids, cfg["labelled"])
+    if not cuda:
+        _reset_peak_rss()
     times = []
     for step in range(cfg["steps"] + 1):  # step 0 warms up (allocations, kernel builds)
         if cuda:
@@ -159,7 +192,8 @@ def run_train_bench(
             continue
         queue = ctx.Queue()
         proc = ctx.Process(target=_child, args=(method, cfg, queue))
-        proc.start()
+        with _returning_malloc():
+            proc.start()
         row = queue.get()
         proc.join()
         if "error" in row:
