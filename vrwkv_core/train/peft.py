@@ -11,7 +11,7 @@ Notable:
   checked here), and the run dir gets adapter.safetensors instead of model.safetensors.
 - State tuning trains `rwkv.state_wkv` with its own learning rate `state_lr` (same schedule).
 - DeepSpeed ZeRO-3 is refused: it shards every weight, while the adapter file, the filtered
-  last.ckpt and the base checks read whole tensors (ZeRO-1/2 and DDP keep them whole).
+  last.ckpt and the base checks read whole tensors.
 
     run = setup_peft(model, recipe, "finetune")   # None for a stage without `peft.method`
 """
@@ -88,7 +88,7 @@ def check_peft_strategy(recipe: "Recipe", stage: str) -> None:
     if method is not None and recipe.hardware.strategy == ZERO3:
         raise RecipeError(f"hardware.strategy: {ZERO3} cannot train {stage}.peft (method {method}): ZeRO-3 "
                           "shards the weights, and a peft run saves and checks its adapters as whole tensors",
-                          hint="use hardware.strategy=deepspeed_stage_2 or ddp (adapters need little memory), "
+                          hint="adapters need little memory: use hardware.strategy=auto (one device) or ddp, "
                                f"or drop {stage}.peft")  # fmt: skip
 
 
