@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import rel
+from helpers import build_tiny_vlm, rel
 from safetensors import safe_open
 
 from vrwkv_core.checkpoint.adapters import ADAPTER, STATE, apply_adapter, export_merged, inject, merge_adapters
@@ -19,6 +19,7 @@ from vrwkv_core.checkpoint.load import load_checkpoint
 from vrwkv_core.config import PEFT_TARGETS, PeftSection, RWKVSection, load_recipe
 from vrwkv_core.errors import CheckpointError, RecipeError
 from vrwkv_core.model.rwkv.rwkv7 import RWKV7
+from vrwkv_core.train.peft import check_peft_strategy, setup_peft
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,6 +118,20 @@ METHODS = {
     "miss": ["finetune.peft.method=miss", "finetune.peft.r=4"],
     "state": ["finetune.peft.method=state", "finetune.peft.state_lr=0.5"],
 }
+
+
+@pytest.mark.parametrize("method", ["lora", "state"])
+def test_peft_under_deepspeed_zero3_is_refused_in_one_line_naming_the_key(method: str) -> None:
+    recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"finetune.peft.method={method}",
+                                                          "hardware.strategy=deepspeed_stage_3"])  # fmt: skip
+    vlm = build_tiny_vlm()
+    with pytest.raises(RecipeError) as err:
+        setup_peft(vlm, recipe, "finetune")
+    assert str(err.value).startswith("hardware.strategy: deepspeed_stage_3 cannot train finetune.peft")
+    assert "\n" not in str(err.value)
+    assert all(p.requires_grad for p in vlm.rwkv.parameters())  # refused before anything was frozen
+    for ok in (["hardware.strategy=deepspeed_stage_2"], ["finetune.peft.method=null", "hardware.strategy=deepspeed_stage_3"]):
+        check_peft_strategy(load_recipe(REPO / "recipes" / "tiny.yaml", [f"finetune.peft.method={method}", *ok]), "finetune")
 
 
 def _run(tiny_trained, name: str, extra: list[str], resume: bool = False) -> Path:
@@ -249,18 +264,3 @@ def test_a_peft_run_against_the_wrong_base_is_refused_in_one_line(peft_runs, tin
         apply_adapter(vlm, run, base=wrong)
     with pytest.raises(CheckpointError, match="trained on base"):  # resuming against another base
         _run(tiny_trained, "lora", METHODS["lora"] + ["finetune.max_steps=6", f"finetune.init_from={wrong}"], resume=True)
-
-
-@pytest.mark.slow
-def test_bench_train_counts_trainable_parameters_per_method() -> None:
-    from vrwkv_core.bench.train import run_train_bench
-
-    L, C, V, r = 2, 128, 1000, 8
-    rows = {row["method"]: row for row in run_train_bench(n_layer=L, n_embd=C, vocab=V, T=16, steps=1, rank=r,
-                                                          methods=("full", "lora", "state"))}  # fmt: skip
-    total = rows["full"]["lm_params"]
-    assert rows["full"]["trainable"] == total - V * C  # everything but the embedding
-    assert rows["lora"]["trainable"] == L * r * (4 * 2 * C + 2 * (C + 4 * C))
-    assert rows["state"]["trainable"] == L * (C // 64) * 64 * 64
-    assert all(row["peak_mib"] > 0 and row["step_s"] > 0 for row in rows.values())
-    assert rows["full"]["mem_vs_full"] == 1.0

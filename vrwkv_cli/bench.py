@@ -142,6 +142,11 @@ def train(
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 64,
     alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 128.0,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
+    grad_checkpoint: Annotated[bool, typer.Option(
+        help="Recompute each block in backward, as hardware.grad_checkpoint=true (what a small GPU runs); "
+             "--no-grad-checkpoint keeps every block's activations.")] = True,
+    labelled: Annotated[float, typer.Option(
+        min=0.01, max=1.0, help="Share of each sample that is the answer (the loss positions; the head runs only there).")] = 0.25,
     threads: ThreadsOpt = 2,
     as_json: JsonOpt = False,
 ) -> None:
@@ -153,5 +158,8 @@ def train(
     from vrwkv_core.bench.train import run_train_bench
 
     rows = run_train_bench(n_layer=n_layer, n_embd=n_embd, vocab=vocab, T=length, batch=batch, steps=steps,
-                           rank=rank, alpha=alpha, threads=threads, device=device)  # fmt: skip
-    print_rows(rows, f"training step, RWKV-7 L{n_layer} D{n_embd} V{vocab}, B={batch} T={length}, LoRA r{rank}", as_json)
+                           rank=rank, alpha=alpha, threads=threads, device=device, grad_checkpoint=grad_checkpoint,
+                           labelled=labelled)  # fmt: skip
+    ckpt = "grad checkpointing" if grad_checkpoint else "no grad checkpointing"
+    print_rows(rows, f"training step, RWKV-7 L{n_layer} D{n_embd} V{vocab}, B={batch} T={length}, LoRA r{rank}, "
+                     f"{ckpt}, loss on the last {labelled:.0%}", as_json)  # fmt: skip

@@ -1,14 +1,19 @@
 """`vrwkv bench train`: what one training step costs with full finetuning, LoRA and state tuning.
 
-For the LM alone (no towers; RWKV-7 0.1B shape by default: L12 D768, vocab 65536, random
-weights), each method trains `steps` AdamW steps on random ids [batch, T] (next-token loss
-over every position, as a finetune sample would) after one warm-up step, and reports:
-trainable parameters (and their share of the LM's), peak memory (CUDA: the allocator's
-peak; CPU: the process's peak RSS above what it held before building the model, each method
-in a fresh process so peaks do not mask each other), and the median step time.
+For the LM alone (no towers; RWKV-7 0.1B shape by default: L12 D768, vocab 65536, untied head,
+191M parameters, random weights), each method trains `steps` AdamW steps on random ids
+[batch, T] after one warm-up step, as the trainer would run it: gradient checkpointing on
+(hardware.grad_checkpoint; `grad_checkpoint=False` keeps every block's activations) and the
+head + loss only on the labelled positions (the answer: the last `labelled` share of each
+sample). It reports trainable parameters (and their share of the LM's), peak memory and the
+median step time. Peak memory: on CUDA the allocator's peak above what was allocated before
+the model; on CPU the process's peak RSS (ru_maxrss, its high-water mark restarted once the
+model is built so init temporaries do not count) above its RSS before the model, each method
+in a fresh spawned process so one method's peak cannot mask another's, with glibc told to
+give freed large blocks back (MALLOC_MMAP_THRESHOLD_), so the RSS follows live tensors.
 
 - full: every LM weight but the embedding trains (the released finetune freezes rwkv.emb);
-- lora: rank `rank` adapters through `peft` on `targets` (default: all six matrices), the rest frozen;
+- lora: rank `rank` adapters through `peft` on all six matrices (att r/k/v/o, ffn key/value);
 - lora-att: the same on the time mix's four matrices only;
 - state: the learned initial WKV state [L, H, N, N] only.
 
@@ -17,11 +22,14 @@ in a fresh process so peaks do not mask each other), and the median step time.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -29,10 +37,14 @@ import torch.nn.functional as F
 
 from vrwkv_core.checkpoint.adapters import inject
 from vrwkv_core.config import PEFT_TARGETS, PeftSection, RWKVSection
+from vrwkv_core.data.conversation import IGNORE_INDEX
 from vrwkv_core.model.rwkv.rwkv7 import RWKV7
 
 METHODS = ("full", "lora", "lora-att", "state")
 ATT_TARGETS = [t for t in PEFT_TARGETS if t.startswith("att.")]
+WHAT = {"full": "all but emb", "lora": "att+ffn (6 matrices)", "lora-att": "att only (4 matrices)",
+        "state": "initial WKV state"}  # fmt: skip
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc: a fixed threshold also stops its dynamic raising
 
 
 def _rss_bytes() -> int:
@@ -48,17 +60,68 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _setup(lm: RWKV7, method: str, rank: int, alpha: float) -> None:
-    """Freezes what the method freezes and adds its adapters or learned state."""
-    if method == "full":
-        lm.emb.requires_grad_(False)
-        return
-    lm.requires_grad_(False)
-    if method == "state":
-        lm.enable_state_tuning()
-        return
-    targets = list(PEFT_TARGETS) if method == "lora" else ATT_TARGETS
-    inject(lm, PeftSection(method="lora", r=rank, alpha=alpha, targets=targets))
+def _reset_peak_rss() -> None:
+    """Restarts the peak RSS from the current RSS (Linux >= 4.0), so temporaries of building the
+    model and its init are not counted as training memory; a no-op where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def answer_labels(ids: torch.Tensor, labelled: float) -> torch.Tensor:
+    """Labels [B, T] for ids [B, T+1] laid out as the trainer's (position t predicts labels[t+1]):
+    the last `labelled` share of each sample is the answer, the rest IGNORE_INDEX."""
+    labels = ids[:, :-1].clone()
+    n = max(1, round(labelled * (labels.shape[1] - 1)))
+    labels[:, : labels.shape[1] - n] = IGNORE_INDEX
+    return labels
+
+
+def labelled_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    """Mean next-token CE with the head applied only where labels are set, as the trainer's
+    `sequence_loss` does (bench/ may not import train/): no [B, T, V] logits for the prompt."""
+    targets = labels[:, 1:]
+    valid = targets != IGNORE_INDEX  # [B, T-1]
+    return F.cross_entropy(head(hidden[:, :-1][valid]).float(), targets[valid])
+
+
+def build_lm(method: str, cfg: dict[str, Any]) -> tuple[RWKV7, int]:
+    """The LM on cfg's device, set up for the method (frozen parts, adapters or learned state,
+    grad checkpointing as cfg says) in training mode; (lm, its parameter count before adapters)."""
+    section = RWKVSection(n_layer=cfg["n_layer"], n_embd=cfg["n_embd"], vocab_size=cfg["vocab"],
+                          head_size=cfg["head_size"], wkv_backend="auto")  # fmt: skip
+    with torch.device(cfg["device"]):
+        lm = RWKV7(section)
+        total = sum(p.numel() for p in lm.parameters())
+        if method == "full":
+            lm.emb.requires_grad_(False)
+        elif method == "state":
+            lm.requires_grad_(False)
+            lm.enable_state_tuning()
+        else:
+            lm.requires_grad_(False)
+            targets = list(PEFT_TARGETS) if method == "lora" else ATT_TARGETS
+            inject(lm, PeftSection(method="lora", r=cfg["rank"], alpha=cfg["alpha"], targets=targets))
+    lm.grad_checkpoint = cfg["grad_checkpoint"]
+    return lm.train(), total
+
+
+@contextlib.contextmanager
+def _returning_malloc() -> Iterator[None]:
+    """Environment for a spawned child whose glibc malloc gives freed blocks of >= 64 KiB back to
+    the OS: by default it raises that threshold to 32 MiB after the first frees and keeps
+    freed activations in the heap, so the peak RSS would count the allocator's hoard."""
+    old = os.environ.get(MMAP_ENV)
+    os.environ[MMAP_ENV] = str(64 * 1024)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(MMAP_ENV, None)
+        else:
+            os.environ[MMAP_ENV] = old
 
 
 def measure(method: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -74,25 +137,21 @@ def measure(method: str, cfg: dict[str, Any]) -> dict[str, Any]:
         before = torch.cuda.memory_allocated(device)
     else:
         before = _rss_bytes()
-    section = RWKVSection(n_layer=cfg["n_layer"], n_embd=cfg["n_embd"], vocab_size=cfg["vocab"],
-                          head_size=cfg["head_size"], wkv_backend="auto")  # fmt: skip
-    with torch.device(device):
-        lm = RWKV7(section)
-        total = sum(p.numel() for p in lm.parameters())
-        _setup(lm, method, cfg["rank"], cfg["alpha"])
-    lm.train()
+    lm, total = build_lm(method, cfg)
     params = [p for p in lm.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type in ("cpu", "cuda"))
     ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["T"] + 1), device=device)
+    labels = answer_labels(ids, cfg["labelled"])
+    if not cuda:
+        _reset_peak_rss()
     times = []
     for step in range(cfg["steps"] + 1):  # step 0 warms up (allocations, kernel builds)
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        logits, _ = lm(ids[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
+        hidden, _ = lm(ids[:, :-1], logits="hidden")
+        labelled_loss(hidden, labels, lm.head).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if cuda:
@@ -100,8 +159,9 @@ def measure(method: str, cfg: dict[str, Any]) -> dict[str, Any]:
         if step:
             times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated(device) if cuda else _peak_rss_bytes()) - before
-    return {"method": method, "trainable": trainable, "lm_params": total, "trainable_pct": round(100 * trainable / total, 3),
-            "peak_mib": round(peak / 2**20, 1), "step_s": round(statistics.median(times), 4)}  # fmt: skip
+    return {"method": method, "trains": WHAT[method], "trainable": trainable, "lm_params": total,
+            "trainable_pct": round(100 * trainable / total, 3), "peak_mib": round(peak / 2**20, 1),
+            "step_s": round(statistics.median(times), 4)}  # fmt: skip
 
 
 def _child(method: str, cfg: dict[str, Any], queue: Any) -> None:
@@ -114,13 +174,17 @@ def _child(method: str, cfg: dict[str, Any], queue: Any) -> None:
 def run_train_bench(
     n_layer: int = 12, n_embd: int = 768, vocab: int = 65536, head_size: int = 64, T: int = 512, batch: int = 1,
     steps: int = 2, rank: int = 64, alpha: float = 128.0, threads: int = 2, device: str = "auto",
-    methods: tuple[str, ...] = METHODS,
+    methods: tuple[str, ...] = METHODS, grad_checkpoint: bool = True, labelled: float = 0.25,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Rows {method, trainable, lm_params, trainable_pct, peak_mib, step_s, mem_vs_full}, one per method."""
+    """Rows {method, trains, trainable, lm_params, trainable_pct, peak_mib, step_s, mem_vs_full}, one
+    per method. `labelled`: the share of each sample that is the answer (loss positions), in (0, 1]."""
+    if not 0.0 < labelled <= 1.0:
+        raise ValueError(f"labelled must be in (0, 1], got {labelled}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = {"n_layer": n_layer, "n_embd": n_embd, "vocab": vocab, "head_size": head_size, "T": T, "batch": batch,
-           "steps": steps, "rank": rank, "alpha": alpha, "threads": threads, "device": device}  # fmt: skip
+           "steps": steps, "rank": rank, "alpha": alpha, "threads": threads, "device": device,
+           "grad_checkpoint": grad_checkpoint, "labelled": labelled}  # fmt: skip
     rows = []
     ctx = mp.get_context("spawn")
     for method in methods:
@@ -129,7 +193,8 @@ def run_train_bench(
             continue
         queue = ctx.Queue()
         proc = ctx.Process(target=_child, args=(method, cfg, queue))
-        proc.start()
+        with _returning_malloc():
+            proc.start()
         row = queue.get()
         proc.join()
         if "error" in row:

@@ -10,6 +10,8 @@ Notable:
 - last.ckpt holds only the trainable tensors (Lightning loads it non-strictly; the names are
   checked here), and the run dir gets adapter.safetensors instead of model.safetensors.
 - State tuning trains `rwkv.state_wkv` with its own learning rate `state_lr` (same schedule).
+- DeepSpeed ZeRO-3 is refused: it shards every weight, while the adapter file, the filtered
+  last.ckpt and the base checks read whole tensors.
 
     run = setup_peft(model, recipe, "finetune")   # None for a stage without `peft.method`
 """
@@ -77,6 +79,19 @@ class PeftRun:
         return save_adapter(model, out_dir, recipe, self.stage, self.base, self.pissa_init)
 
 
+ZERO3 = "deepspeed_stage_3"
+
+
+def check_peft_strategy(recipe: "Recipe", stage: str) -> None:
+    """Refuses (one line naming the keys) a peft stage under DeepSpeed ZeRO-3."""
+    method = getattr(recipe, stage).peft.method
+    if method is not None and recipe.hardware.strategy == ZERO3:
+        raise RecipeError(f"hardware.strategy: {ZERO3} cannot train {stage}.peft (method {method}): ZeRO-3 "
+                          "shards the weights, and a peft run saves and checks its adapters as whole tensors",
+                          hint="adapters need little memory: use hardware.strategy=auto (one device) or ddp, "
+                               f"or drop {stage}.peft")  # fmt: skip
+
+
 def setup_peft(model: "VisualRWKV", recipe: "Recipe", stage: str) -> PeftRun | None:
     """Freezes the LM and adds the stage's adapters or learned state (after `apply_trainable`,
     whose choices for the other parts it keeps). None when the stage has no peft method."""
@@ -84,6 +99,7 @@ def setup_peft(model: "VisualRWKV", recipe: "Recipe", stage: str) -> PeftRun | N
     pf = st.peft
     if pf.method is None:
         return None
+    check_peft_strategy(recipe, stage)
     if not st.init_from:
         raise RecipeError(f"{stage}.peft: needs {stage}.init_from (the base model the adapters are trained on)",
                           hint=f"set {stage}.init_from to a pretrain out_dir or a released .pth")  # fmt: skip
