@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 
 from vrwkv_cli.prepare_data import app
 from vrwkv_core.data.prepare import prepare_llava
-from vrwkv_core.data.shapes import CATEGORIES, CHOICE_SUFFIX, COLORS, prepare_shapes
+from vrwkv_core.data.shapes import CATEGORIES, CHOICE_SUFFIX, COLORS, Shape, caption, prepare_shapes, redraw_if_stale
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -45,7 +46,7 @@ def test_layout_and_answers(tmp_path):
         caption = rec["conversations"][1]["value"]
         # every colour named in the caption is drawn, and no other
         drawn = {name for name, rgb in COLORS.items() if (img == rgb).all(-1).sum() > 50}
-        assert drawn == {name for name in COLORS if f" {name} " in f" {caption} "}
+        assert drawn == set(re.findall(r" in (\w+)", caption))
 
     for q in questions:
         ans = answers[q["question_id"]]
@@ -71,3 +72,23 @@ def test_cli(tmp_path):
     result = CliRunner().invoke(app, ["synthetic-shapes", "--out", str(out), "--train", "6", "--eval", "2", "--seed", "3"])
     assert result.exit_code == 0, result.output
     assert tree_bytes(out) == tree_bytes(prepare_shapes(tmp_path / "t", n_train=6, n_eval=2, seed=3))
+
+
+def test_captions_name_kinds_first_in_kind_order():
+    scene = [Shape("triangle", "red", 0), Shape("square", "yellow", 1), Shape("circle", "blue", 3)]
+    assert caption(scene) == "a circle in blue, a square in yellow and a triangle in red."
+    assert caption([Shape("square", "green", 2)]) == "a square in green."
+
+
+def test_an_older_folder_is_drawn_again_with_the_same_images(tmp_path):
+    root = prepare_shapes(tmp_path / "s", n_train=5, n_eval=2, seed=4)
+    before = tree_bytes(root)
+    assert not redraw_if_stale(root)  # current: left alone
+    meta = json.loads((root / "shapes.json").read_text())
+    del meta["captions"]  # as written before kind-first captions
+    (root / "shapes.json").write_text(json.dumps(meta))
+    (root / "pretrain.jsonl").write_text("old\n")
+    assert redraw_if_stale(root)
+    assert tree_bytes(root) == before
+    (tmp_path / "other").mkdir()
+    assert not redraw_if_stale(tmp_path / "other")  # not a shapes folder

@@ -5,7 +5,7 @@ each in its own colour (red, green, blue, yellow), one shape per quadrant, so ev
 question has one answer. Answers are one word, a number or a letter.
 
     DIR/images/{train,eval}_NNNNN.png
-    DIR/pretrain.jsonl         "<image>\\nDescribe the image." -> "a red circle and a blue square."
+    DIR/pretrain.jsonl         "<image>\\nDescribe the image." -> "a circle in blue and a square in red."
     DIR/finetune.jsonl         two questions per image: colour, count, presence, lettered choice
     DIR/eval/questions.jsonl   {question_id, image, text, category}, on held-out images
     DIR/eval/answers.json      {question_id: [accepted answers]}
@@ -41,6 +41,7 @@ SHAPES = ("circle", "square", "triangle")
 CATEGORIES = ("color", "count", "presence", "choice")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 CAPTION_PROMPT = "Describe the image."
+CAPTION_STYLE = "kind-first"  # recorded in shapes.json: data drawn by an older version is drawn again
 CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
 DEFAULT_TRAIN, DEFAULT_EVAL, DEFAULT_SEED = 2000, 200, 0
 
@@ -84,7 +85,15 @@ def render(scene: list[Shape], rng: random.Random) -> bytes:
 
 
 def caption(scene: list[Shape]) -> str:
-    parts = [f"a {s.color} {s.kind}" for s in scene]
+    """The stage-1 caption: shapes by kind (circle, square, triangle), each kind before its colour.
+
+    This order is what lets a model trained from scratch learn shape kinds from captions: the
+    first word after "a" asks which kinds are present (an image-level question, as the presence
+    questions do) and the colour after a kind binds kind to colour (as the colour questions do).
+    Captions in reading order with the colour first ("a red circle") taught colours but left kinds
+    at chance: the kind then had to be looked up through the n-th shape's position and colour.
+    """
+    parts = [f"a {s.kind} in {s.color}" for s in sorted(scene, key=lambda s: SHAPES.index(s.kind))]
     if len(parts) == 1:
         return parts[0] + "."
     return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
@@ -159,9 +168,26 @@ def _write_all(root: Path, n_train: int, n_eval: int, seed: int, progress: Progr
     atomic_write_text(root / "finetune.jsonl", jsonl(finetune))
     atomic_write_text(root / "eval" / "questions.jsonl", jsonl(questions))
     atomic_write_text(root / "eval" / "answers.json", json.dumps(answers_by_id, indent=1) + "\n")
-    meta = {"seed": seed, "n_train": n_train, "n_eval": n_eval, "image_size": IMAGE_SIZE,
+    meta = {"captions": CAPTION_STYLE, "seed": seed, "n_train": n_train, "n_eval": n_eval, "image_size": IMAGE_SIZE,
             "image_folder": "images", "colors": sorted(COLORS), "shapes": list(SHAPES)}
     atomic_write_text(root / "shapes.json", json.dumps(meta, indent=1) + "\n")
+
+
+def redraw_if_stale(root: str | os.PathLike, progress: Progress | None = None) -> bool:
+    """Draw a shapes folder made by an older version again (same seed and sizes, today's
+    captions); True when it did. A folder without shapes.json is not ours and is left alone."""
+    try:
+        meta = json.loads((Path(root) / "shapes.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict) or meta.get("captions") == CAPTION_STYLE:
+        return False
+    try:
+        sizes = {k: int(meta[k]) for k in ("n_train", "n_eval", "seed")}
+    except (KeyError, TypeError, ValueError):
+        return False
+    prepare_shapes(root, progress=progress, **sizes)
+    return True
 
 
 def prepare_shapes(

@@ -25,7 +25,7 @@ import torch
 
 from vrwkv_core.checkpoint import build_from_parts, load_checkpoint
 from vrwkv_core.config import recipe_to_dict, stage_devices
-from vrwkv_core.data.shapes import prepare_shapes
+from vrwkv_core.data.shapes import prepare_shapes, redraw_if_stale
 from vrwkv_core.errors import CheckpointError, DataError, RecipeError
 from vrwkv_core.hub import resolve
 from vrwkv_core.progress import NULL_PROGRESS, Progress
@@ -65,9 +65,11 @@ def check_inputs(recipe: "Recipe", stage: str, resume: bool, progress: Progress)
     check_vocab(recipe)
     st = getattr(recipe, stage)
     paths = stage_paths(recipe, stage)
-    if not paths["records"].is_file() and recipe.data.synthetic and not paths["root"].exists():
+    if recipe.data.synthetic and not paths["root"].exists():
         progress.log(f"preparing the synthetic shapes data in {paths['root']}")
         prepare_shapes(paths["root"])
+    elif recipe.data.synthetic and redraw_if_stale(paths["root"]):
+        progress.log(f"drew the synthetic shapes data in {paths['root']} again (its captions were an older version's)")
     if not paths["records"].is_file():
         key = "data.pretrain_file" if stage == "pretrain" else "data.finetune_file"
         raise DataError(f"{paths['records']}: training records not found ({key} under data.root)",
