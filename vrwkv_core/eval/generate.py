@@ -184,9 +184,9 @@ class EvalReport:
     n_skipped: int = 0
     """Already answered in OUT (resume)."""
     n_missing_images: int = 0
-    n_text_only: int = 0
-    """Questions without an image left unanswered, as the original eval leaves them (ScienceQA)."""
     """Questions whose image is missing or unreadable (no answer written)."""
+    n_text_only: int = 0
+    """Questions without an image left unanswered, as v7.00's eval leaves them (ScienceQA)."""
     missing_examples: list[str] = field(default_factory=list)
     generate_s: float = 0.0
     """Seconds spent generating (model loading excluded)."""

@@ -151,9 +151,8 @@ class VisualRWKV(nn.Module):
         input_ids = input_ids.to(self.device)
         mask = input_ids == IMAGE_TOKEN_ID
         blank = input_ids == BLANK_IMAGE_TOKEN_ID
-        embeds = self.rwkv.emb(input_ids.masked_fill(mask | blank, 0))
-        if bool(blank.any()):
-            embeds = embeds.masked_fill(blank.unsqueeze(-1), 0.0)
+        # zeros on blank rows without asking whether there are any (no host sync per forward)
+        embeds = self.rwkv.emb(input_ids.masked_fill(mask | blank, 0)).masked_fill(blank.unsqueeze(-1), 0.0)
         n_images = _count_images(images)
         if n_images == 0 and not bool(mask.any()):
             return embeds

@@ -329,10 +329,10 @@ class RWKVLanguageModel(nn.Module):
         `decode_step` runs a lone row as two, so answers do not depend on the batch at all;
         MKL's default route rounds batches of 1-3 rows differently from larger ones (~1e-5).
         Returns self."""
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.pack_batched()
-        self.batched_route = any(isinstance(m, Linear) and m._packed_rows is not None for m in self.modules())
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        for m in linears:
+            m.pack_batched()
+        self.batched_route = any(m._packed_rows is not None for m in linears)  # CPU fp32 only
         return self
 
     def optimize_for_inference(self) -> Any:
