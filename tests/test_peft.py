@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from vrwkv_core.checkpoint.adapters import ADAPTER, STATE, apply_adapter, export_merged, inject, merge_adapters
 from vrwkv_core.checkpoint.load import load_checkpoint
-from vrwkv_core.config import PEFT_TARGETS, PeftSection, RWKVSection, load_recipe
+from vrwkv_core.config import DEFAULT_PEFT_TARGETS, PEFT_TARGETS, PeftSection, RWKVSection, load_recipe
 from vrwkv_core.errors import CheckpointError, RecipeError
 from vrwkv_core.model.rwkv.rwkv7 import RWKV7
 from vrwkv_core.train.peft import check_peft_strategy, setup_peft
@@ -68,7 +68,7 @@ def test_peft_wraps_our_linear_in_prefill_and_decode_and_merges_exactly(method: 
     base, _ = lm(ids)
     inject(lm, PeftSection(method=method, r=4, alpha=8.0))
     names = [n for n, _ in lm.named_parameters() if f".{method}_" in n]
-    assert len(names) == (2 if method == "lora" else 1) * len(PEFT_TARGETS) * 2  # per target, per layer
+    assert len(names) == (2 if method == "lora" else 1) * len(DEFAULT_PEFT_TARGETS) * 2  # per target, per layer
     assert torch.equal(lm(ids)[0], base)  # both inits leave the model unchanged
     _nudge_adapters(lm)
     adapted, _ = lm(ids)
@@ -77,7 +77,7 @@ def test_peft_wraps_our_linear_in_prefill_and_decode_and_merges_exactly(method: 
     _, state = lm(ids[:, :6])
     step, _ = lm(ids[:, 6:], state=state)
     assert rel(step[:, -1], adapted[:, -1]) < 1e-5
-    assert merge_adapters(lm) == 2 * len(PEFT_TARGETS)
+    assert merge_adapters(lm) == 2 * len(DEFAULT_PEFT_TARGETS)
     assert type(lm.blocks[0].att.key).__name__ == "Linear" and not any(f"{method}_" in n for n, _ in lm.named_parameters())
     assert rel(lm(ids)[0], adapted) <= 1e-5
 
@@ -88,7 +88,7 @@ def test_pissa_moves_the_principal_part_into_the_adapter() -> None:
     base, _ = lm(ids)
     w = lm.blocks[0].att.key.weight.detach().clone()
     init = inject(lm, PeftSection(method="lora", r=4, alpha=8.0, init="pissa"))
-    assert len(init) == 2 * 2 * len(PEFT_TARGETS)
+    assert len(init) == 2 * 2 * len(DEFAULT_PEFT_TARGETS)
     assert rel(lm(ids)[0], base) < 1e-5  # residual + principal part = the weight
     assert not torch.allclose(lm.blocks[0].att.key.base_layer.weight, w)  # the residual
 

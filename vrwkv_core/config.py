@@ -31,6 +31,7 @@ from vrwkv_core.recipe_schema import (  # the schema, re-exported: `from vrwkv_c
     ModelSection,
     DataSection,
     PEFT_METHODS,
+    DEFAULT_PEFT_TARGETS,
     PEFT_TARGETS,
     PeftSection,
     StageSection,

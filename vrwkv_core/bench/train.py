@@ -13,7 +13,8 @@ in a fresh spawned process so one method's peak cannot mask another's, with glib
 give freed large blocks back (MALLOC_MMAP_THRESHOLD_), so the RSS follows live tensors.
 
 - full: every LM weight but the embedding trains (the released finetune freezes rwkv.emb);
-- lora: rank `rank` adapters through `peft` on all six matrices (att r/k/v/o, ffn key/value);
+- lora: rank `rank` adapters through `peft` on the recipe's default targets (att r/k/v/o, ffn value);
+- lora-all: the same on all six matrices (ffn key too);
 - lora-att: the same on the time mix's four matrices only;
 - state: the learned initial WKV state [L, H, N, N] only.
 
@@ -36,13 +37,15 @@ import torch
 import torch.nn.functional as F
 
 from vrwkv_core.checkpoint.adapters import inject
-from vrwkv_core.config import PEFT_TARGETS, PeftSection, RWKVSection
+from vrwkv_core.config import DEFAULT_PEFT_TARGETS, PEFT_TARGETS, PeftSection, RWKVSection
 from vrwkv_core.data.conversation import IGNORE_INDEX
 from vrwkv_core.model.rwkv.rwkv7 import RWKV7
 
-METHODS = ("full", "lora", "lora-att", "state")
-ATT_TARGETS = [t for t in PEFT_TARGETS if t.startswith("att.")]
-WHAT = {"full": "all but emb", "lora": "att+ffn (6 matrices)", "lora-att": "att only (4 matrices)",
+METHODS = ("full", "lora", "lora-all", "lora-att", "state")
+LORA_TARGETS = {"lora": list(DEFAULT_PEFT_TARGETS), "lora-all": list(PEFT_TARGETS),
+                "lora-att": [t for t in PEFT_TARGETS if t.startswith("att.")]}  # fmt: skip
+WHAT = {"full": "all but emb", "lora": "default: att + ffn.value (5 matrices)", "lora-all": "att + ffn (6 matrices)",
+        "lora-att": "att only (4 matrices)",
         "state": "initial WKV state"}  # fmt: skip
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"  # glibc: a fixed threshold also stops its dynamic raising
 
@@ -102,8 +105,7 @@ def build_lm(method: str, cfg: dict[str, Any]) -> tuple[RWKV7, int]:
             lm.enable_state_tuning()
         else:
             lm.requires_grad_(False)
-            targets = list(PEFT_TARGETS) if method == "lora" else ATT_TARGETS
-            inject(lm, PeftSection(method="lora", r=cfg["rank"], alpha=cfg["alpha"], targets=targets))
+            inject(lm, PeftSection(method="lora", r=cfg["rank"], alpha=cfg["alpha"], targets=LORA_TARGETS[method]))
     lm.grad_checkpoint = cfg["grad_checkpoint"]
     return lm.train(), total
 
