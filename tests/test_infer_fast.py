@@ -14,6 +14,7 @@ from vrwkv_core.infer.cuda_graph import CudaGraphDecoder, enable_cuda_graphs
 from vrwkv_core.infer.generate import decode_step
 from vrwkv_core.kernels import wkv7
 from vrwkv_core.kernels.wkv7 import fla
+from vrwkv_core.model.rwkv import layers
 
 CFG = RWKVSection(n_layer=2, n_embd=128, head_size=64, vocab_size=300)
 
@@ -61,6 +62,33 @@ def test_the_packed_route_gives_a_row_the_same_bits_at_any_batch_size():
     for logits, _ in rows[1:]:
         assert torch.equal(logits[0], rows[0][0][0])
     torch.testing.assert_close(rows[0][0][0], mkl[0], rtol=0, atol=1e-4)  # the same model either way
+
+
+@torch.no_grad()
+def test_a_one_row_fp32_step_on_two_torch_threads_runs_numpy_products_on_two_blas_threads(monkeypatch):
+    lm = RWKV7.from_state_dict(random_rwkv7_weights(CFG, seed=4)).eval().optimize_for_inference()
+    ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(2))
+    old = torch.get_num_threads()
+    seen = []
+    real = layers.rowvec_mm
+    monkeypatch.setattr(layers, "rowvec_mm", lambda x, rv: seen.append((torch.get_num_threads(), layers._blas_threads)) or real(x, rv))
+    try:
+        torch.set_num_threads(1)
+        _, state = lm(ids[:, :5])
+        one, _ = lm(ids[:, 5:], state=state)
+        assert seen and set(seen) == {(1, 1)}  # the head and the block matrices, one BLAS thread
+        seen.clear()
+        torch.set_num_threads(2)
+        two, _ = lm(ids[:, 5:], state=state)
+        assert seen and set(seen) == {(1, 2)}  # torch on one thread, BLAS on the caller's two
+        assert torch.get_num_threads() == 2  # restored
+        seen.clear()
+        lm(ids[:, :5])  # prefill is not a step: MKL on two threads
+        lm(ids.expand(2, -1)[:, 5:], state=state.select([0, 0]))  # nor are two rows
+        assert not seen and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-5)  # the same function
 
 
 def test_the_fla_backend_is_lazy_and_its_absence_one_clear_error():

@@ -7,6 +7,8 @@ and `save` hand over to it).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -62,8 +64,8 @@ def row_vector_weight(w_in_out: torch.Tensor) -> tuple[Any, int] | None:
     """A numpy view [in, out] (no copy) of a contiguous fp32 CPU weight, for single-row
     products when torch runs one thread: numpy's bundled OpenBLAS does x @ W 1.4-1.9x faster
     than torch's MKL for the 0.1B shapes here (768x768: 29 vs 51 us; the head 7.1 vs 9.8 ms).
-    With more threads OpenBLAS's pool and torch's OpenMP pool fight over the cores (4.5x
-    slower decoding on 2 threads here), so `rowvec_ok` takes this route on one thread only.
+    With both pools busy they fight over the cores (4.5x slower decoding on 2 threads here), so
+    `rowvec_ok` takes this route only while torch runs one thread (see `cpu_step_threads`).
     Tagged with the storage pointer: a weight replaced by loading or `.to()` is never read
     through it."""
     if w_in_out.device.type != "cpu" or w_in_out.dtype != torch.float32 or not w_in_out.is_contiguous():
@@ -71,19 +73,44 @@ def row_vector_weight(w_in_out: torch.Tensor) -> tuple[Any, int] | None:
     return w_in_out.detach().numpy(), w_in_out.data_ptr()
 
 
-_blas_limited = False
+_blas_threads = 0  # OpenBLAS's thread count as we last set it (0: not yet)
+_step_blas_threads = 1  # what a numpy product gets: 1, or the caller's torch threads in `cpu_step_threads`
 
 
 def _one_thread() -> bool:
-    """torch runs one thread (then numpy's OpenBLAS is capped to one too, once: its default is
-    one thread per core, which on a busy machine makes small products 30x slower)."""
-    global _blas_limited
+    """torch runs one thread; numpy's OpenBLAS is then set to `_step_blas_threads` (1 unless a
+    `cpu_step_threads` step runs; its default is one thread per core, which on a busy machine
+    makes the small products of a batch-of-rows decode 30x slower)."""
+    global _blas_threads
     if torch.get_num_threads() != 1:
         return False
-    if not _blas_limited:
-        threadpool_limits(limits=1, user_api="blas")
-        _blas_limited = True
+    if _blas_threads != _step_blas_threads:
+        threadpool_limits(limits=_step_blas_threads, user_api="blas")  # ~12 us: only on a change
+        _blas_threads = _step_blas_threads
     return True
+
+
+@contextlib.contextmanager
+def cpu_step_threads(x: torch.Tensor, one: bool) -> Iterator[None]:
+    """A one-row decode step on fp32 CPU matrices (`one`: T == 1, not quantized) with torch on
+    N > 1 threads runs torch on one thread and the matrix products on N OpenBLAS threads: the
+    step's small ops gain nothing from a second thread (their OpenMP regions cost more than they
+    save) while two threads stream the weights faster (0.1B shape, 2 cores: 27 vs 33 ms a token
+    on one thread, 40 through MKL on two). The two pools never run at once, so they do not fight
+    (see `row_vector_weight`). Quantized matrices run torch's kernels, which use the N threads."""
+    global _step_blas_threads
+    n = torch.get_num_threads()
+    if not one or n == 1 or x.shape[0] != 1 or x.dtype != torch.float32 or x.device.type != "cpu" \
+            or torch.is_grad_enabled():  # fmt: skip
+        yield
+        return
+    torch.set_num_threads(1)  # ~0.1 us
+    _step_blas_threads = n
+    try:
+        yield
+    finally:
+        _step_blas_threads = 1
+        torch.set_num_threads(n)
 
 
 def rowvec_ok(rv: tuple[Any, int] | None, w: torch.Tensor, x: torch.Tensor, rows: int = 1) -> bool:
@@ -167,6 +194,7 @@ class RWKVLanguageModel(nn.Module):
     label = ""
     wkv_backends: tuple[str, ...] = ()
     batched_route = False  # see use_batched_route
+    quant: str | None = None  # the blocks' weight format once quantized (vrwkv_core.model.rwkv.quant)
 
     def _build(self, cfg: Any, lora: Any, dim_ffn: int, make_block: Any, init: bool) -> None:
         """The layout both share: emb, blocks, ln_out, head, built on the meta device, then

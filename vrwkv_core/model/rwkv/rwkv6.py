@@ -39,7 +39,15 @@ from vrwkv_core.config import RWKVSection
 from vrwkv_core.errors import CheckpointError
 from vrwkv_core.kernels import wkv6
 from vrwkv_core.kernels.wkv6 import BACKENDS
-from vrwkv_core.model.rwkv.layers import Linear, RWKVLanguageModel, last_row, layer_norm, linear, shifted
+from vrwkv_core.model.rwkv.layers import (
+    Linear,
+    RWKVLanguageModel,
+    cpu_step_threads,
+    last_row,
+    layer_norm,
+    linear,
+    shifted,
+)
 from vrwkv_core.model.rwkv.state import RWKVState
 
 GROUPNORM_EPS = 64e-5  # RWKV-LM: 1e-5 * head_size_divisor**2 with divisor 8
@@ -359,18 +367,19 @@ class RWKV6(RWKVLanguageModel):
         if one:
             x = x[:, 0]
         layers = []
-        for i, block in enumerate(self.blocks):
-            s = (state.att_shift[i], state.wkv[i], state.ffn_shift[i]) if state is not None else (None, None, None)
-            block_order = order if i % 2 == 1 else None
-            if one:
-                out = block.step(x, *s)
-            elif ckpt:
-                out = checkpoint(block, x, *s, backend, block_order, use_reentrant=False)
-            else:
-                out = block(x, *s, backend, block_order)
-            x = out[0]
-            layers.append(out[1:])
-        return self._output(x, one, logits, layers)
+        with cpu_step_threads(x, one and not self.quant):  # one-row fp32 CPU decode: see there
+            for i, block in enumerate(self.blocks):
+                s = (state.att_shift[i], state.wkv[i], state.ffn_shift[i]) if state is not None else (None, None, None)
+                block_order = order if i % 2 == 1 else None
+                if one:
+                    out = block.step(x, *s)
+                elif ckpt:
+                    out = checkpoint(block, x, *s, backend, block_order, use_reentrant=False)
+                else:
+                    out = block(x, *s, backend, block_order)
+                x = out[0]
+                layers.append(out[1:])
+            return self._output(x, one, logits, layers)
 
 
 def is_rwkv6_state_dict(sd: Mapping[str, object]) -> bool:

@@ -36,6 +36,7 @@ from vrwkv_core.kernels.wkv7 import BACKENDS
 from vrwkv_core.model.rwkv.layers import (
     Linear,
     RWKVLanguageModel,
+    cpu_step_threads,
     last_row,
     layer_norm,
     linear,
@@ -386,17 +387,18 @@ class RWKV7(RWKVLanguageModel):
             x = x[:, 0]
         v_first = None
         layers = []
-        for i, block in enumerate(self.blocks):
-            s = (state.att_shift[i], state.wkv[i], state.ffn_shift[i]) if state is not None else (None, None, None)
-            if one:
-                out = block.step(x, v_first, *s)
-            elif ckpt:
-                out = checkpoint(block, x, v_first, *s, backend, use_reentrant=False)
-            else:
-                out = block(x, v_first, *s, backend)
-            x, v_first = out[0], out[1]
-            layers.append(out[2:])
-        return self._output(x, one, logits, layers)
+        with cpu_step_threads(x, one and not self.quant):  # one-row fp32 CPU decode: see there
+            for i, block in enumerate(self.blocks):
+                s = (state.att_shift[i], state.wkv[i], state.ffn_shift[i]) if state is not None else (None, None, None)
+                if one:
+                    out = block.step(x, v_first, *s)
+                elif ckpt:
+                    out = checkpoint(block, x, v_first, *s, backend, use_reentrant=False)
+                else:
+                    out = block(x, v_first, *s, backend)
+                x, v_first = out[0], out[1]
+                layers.append(out[2:])
+            return self._output(x, one, logits, layers)
 
 
 def config_from_state_dict(
