@@ -91,6 +91,29 @@ def test_a_one_row_fp32_step_on_two_torch_threads_runs_numpy_products_on_two_bla
     torch.testing.assert_close(two, one, rtol=0, atol=1e-5)  # the same function
 
 
+@torch.no_grad()
+def test_a_one_row_quantized_step_on_two_threads_runs_only_its_kernels_on_two():
+    lm = quantize(RWKV7.from_state_dict(random_rwkv7_weights(CFG, seed=5)).eval(), "int8").optimize_for_inference()
+    ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(3))
+    seen = []
+    for m in lm.modules():
+        if getattr(m, "_fn", None) is not None:
+            m._fn = (lambda fn: lambda x: seen.append(torch.get_num_threads()) or fn(x))(m._fn)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _, state = lm(ids[:, :5])
+        one, _ = lm(ids[:, 5:], state=state)
+        seen.clear()
+        torch.set_num_threads(2)
+        two, _ = lm(ids[:, 5:], state=state)
+        assert seen and set(seen) == {2} and torch.get_num_threads() == 2
+        assert layers._kernel_threads == 0  # the step is over
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-5)
+
+
 def test_the_fla_backend_is_lazy_and_its_absence_one_clear_error():
     x = torch.zeros(1, 2, 1, 64)
     if not fla.is_available():

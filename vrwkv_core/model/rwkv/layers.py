@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -75,6 +75,7 @@ def row_vector_weight(w_in_out: torch.Tensor) -> tuple[Any, int] | None:
 
 _blas_threads = 0  # OpenBLAS's thread count as we last set it (0: not yet)
 _step_blas_threads = 1  # what a numpy product gets: 1, or the caller's torch threads in `cpu_step_threads`
+_kernel_threads = 0  # torch threads of a quantized kernel in a `cpu_step_threads` step (0: as they are)
 
 
 def _one_thread() -> bool:
@@ -91,26 +92,41 @@ def _one_thread() -> bool:
 
 
 @contextlib.contextmanager
-def cpu_step_threads(x: torch.Tensor, one: bool) -> Iterator[None]:
-    """A one-row decode step on fp32 CPU matrices (`one`: T == 1, not quantized) with torch on
-    N > 1 threads runs torch on one thread and the matrix products on N OpenBLAS threads: the
-    step's small ops gain nothing from a second thread (their OpenMP regions cost more than they
-    save) while two threads stream the weights faster (0.1B shape, 2 cores: 27 vs 33 ms a token
-    on one thread, 40 through MKL on two). The two pools never run at once, so they do not fight
-    (see `row_vector_weight`). Quantized matrices run torch's kernels, which use the N threads."""
-    global _step_blas_threads
+def cpu_step_threads(x: torch.Tensor, one: bool, quant: bool = False) -> Iterator[None]:
+    """A one-row fp32 CPU decode step (`one`: T == 1) with torch on N > 1 threads runs its small
+    ops on one thread (their OpenMP regions cost more than they save) and its matrix products on
+    N: fp32 matrices through numpy's OpenBLAS on N threads (0.1B shape, 2 cores: 27 ms a token,
+    against 33 on one thread and 40 through MKL on two), quantized ones (`quant`) through torch's
+    kernels on N threads (`run_on_kernel_threads`), the LoRA products then on numpy's one. Only
+    one pool works at a time, so the pools do not fight (see `row_vector_weight`)."""
+    global _step_blas_threads, _kernel_threads
     n = torch.get_num_threads()
     if not one or n == 1 or x.shape[0] != 1 or x.dtype != torch.float32 or x.device.type != "cpu" \
             or torch.is_grad_enabled():  # fmt: skip
         yield
         return
     torch.set_num_threads(1)  # ~0.1 us
-    _step_blas_threads = n
+    if quant:
+        _kernel_threads = n
+    else:
+        _step_blas_threads = n
     try:
         yield
     finally:
-        _step_blas_threads = 1
+        _step_blas_threads, _kernel_threads = 1, 0
         torch.set_num_threads(n)
+
+
+def run_on_kernel_threads(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """fn(x) with torch on the caller's threads inside a quantized `cpu_step_threads` step."""
+    n = _kernel_threads
+    if not n:
+        return fn(x)
+    torch.set_num_threads(n)
+    try:
+        return fn(x)
+    finally:
+        torch.set_num_threads(1)
 
 
 def rowvec_ok(rv: tuple[Any, int] | None, w: torch.Tensor, x: torch.Tensor, rows: int = 1) -> bool:

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vrwkv_core.model.rwkv.layers import Linear
+from vrwkv_core.model.rwkv.layers import Linear, run_on_kernel_threads
 
 FORMATS = ("fp16", "int8", "int4")
 INT4_GROUP = 128  # the kernel takes 32, 64, 128 or 256; rows shorter than this use a smaller one
@@ -268,11 +268,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fn is not None and x.dim() == 2 and not torch.is_grad_enabled():  # a decode step
-            return self._fn(x)
+            return run_on_kernel_threads(self._fn, x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self._fn is not None and not torch.is_grad_enabled():
-            y = self._fn(x2)
+            y = run_on_kernel_threads(self._fn, x2)
         else:
             y = F.linear(x2, self.dequantized(x.dtype))
         return y.view(*shape[:-1], self.out_features)

@@ -367,7 +367,7 @@ class RWKV6(RWKVLanguageModel):
         if one:
             x = x[:, 0]
         layers = []
-        with cpu_step_threads(x, one and not self.quant):  # one-row fp32 CPU decode: see there
+        with cpu_step_threads(x, one, quant=bool(self.quant)):  # one-row fp32 CPU decode: see there
             for i, block in enumerate(self.blocks):
                 s = (state.att_shift[i], state.wkv[i], state.ffn_shift[i]) if state is not None else (None, None, None)
                 block_order = order if i % 2 == 1 else None

@@ -387,7 +387,7 @@ class RWKV7(RWKVLanguageModel):
             x = x[:, 0]
         v_first = None
         layers = []
-        with cpu_step_threads(x, one and not self.quant):  # one-row fp32 CPU decode: see there
+        with cpu_step_threads(x, one, quant=bool(self.quant)):  # one-row fp32 CPU decode: see there
             for i, block in enumerate(self.blocks):
                 s = (state.att_shift[i], state.wkv[i], state.ffn_shift[i]) if state is not None else (None, None, None)
                 if one:
