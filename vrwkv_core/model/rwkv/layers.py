@@ -97,8 +97,9 @@ def cpu_step_threads(x: torch.Tensor, one: bool, quant: bool = False) -> Iterato
     ops on one thread (their OpenMP regions cost more than they save) and its matrix products on
     N: fp32 matrices through numpy's OpenBLAS on N threads (0.1B shape, 2 cores: 27 ms a token,
     against 33 on one thread and 40 through MKL on two), quantized ones (`quant`) through torch's
-    kernels on N threads (`run_on_kernel_threads`), the LoRA products then on numpy's one. Only
-    one pool works at a time, so the pools do not fight (see `row_vector_weight`)."""
+    kernels on N threads (`run_on_kernel_threads`, the LoRA products' fp16 copies too, as with
+    several rows: a row's logits stay the same bits alone or in a batch). Only one pool works at
+    a time, so the pools do not fight (see `row_vector_weight`)."""
     global _step_blas_threads, _kernel_threads
     n = torch.get_num_threads()
     if not one or n == 1 or x.shape[0] != 1 or x.dtype != torch.float32 or x.device.type != "cpu" \
@@ -130,10 +131,11 @@ def run_on_kernel_threads(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.T
 
 
 def rowvec_ok(rv: tuple[Any, int] | None, w: torch.Tensor, x: torch.Tensor, rows: int = 1) -> bool:
-    """Whether `x` is at most `rows` fp32 rows, no-grad, torch runs one thread, and `rv` still views `w`."""
+    """Whether `x` is at most `rows` fp32 rows, no-grad, torch runs one thread (not in a quantized
+    `cpu_step_threads` step: its LoRA products take the path of several rows), and `rv` still views `w`."""
     return (
         rv is not None and x.numel() <= rows * x.shape[-1] and x.dtype == torch.float32 and rv[1] == w.data_ptr()
-        and not torch.is_grad_enabled() and _one_thread()
+        and not torch.is_grad_enabled() and not _kernel_threads and _one_thread()
     )  # fmt: skip
 
 
