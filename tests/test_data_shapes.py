@@ -12,7 +12,18 @@ from typer.testing import CliRunner
 
 from vrwkv_cli.prepare_data import app
 from vrwkv_core.data.prepare import prepare_llava
-from vrwkv_core.data.shapes import CATEGORIES, CHOICE_SUFFIX, COLORS, Shape, caption, prepare_shapes, redraw_if_stale
+import random
+
+from vrwkv_core.data.shapes import (
+    CATEGORIES,
+    CHOICE_SUFFIX,
+    COLORS,
+    Shape,
+    caption,
+    finetune_questions,
+    prepare_shapes,
+    redraw_if_stale,
+)
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -78,6 +89,38 @@ def test_captions_name_kinds_first_in_kind_order():
     scene = [Shape("triangle", "red", 0), Shape("square", "yellow", 1), Shape("circle", "blue", 3)]
     assert caption(scene) == "a circle in blue, a square in yellow and a triangle in red."
     assert caption([Shape("square", "green", 2)]) == "a square in green."
+
+
+def test_finetune_questions_ask_everything_about_the_scene():
+    scene = [Shape("triangle", "red", 0), Shape("circle", "blue", 3)]
+    pairs = finetune_questions(scene, random.Random(0))
+    assert len(pairs) == 8  # 2 colours, 2 choices, the count, 3 kinds' presence
+    asked = dict(pairs)
+    assert asked["What color is the triangle?"] == "red" and asked["What color is the circle?"] == "blue"
+    assert asked["How many shapes are there?"] == "2"
+    assert [asked[f"Is there a {k}?"] for k in ("circle", "square", "triangle")] == ["yes", "no", "yes"]
+    for q, letter in pairs:
+        if q.startswith("Which shape is "):
+            colour = q.split()[3].rstrip("?")
+            options = dict(line.split(". ") for line in q.splitlines()[1:4])
+            assert options[letter] == {"red": "triangle", "blue": "circle"}[colour]
+            assert q.endswith(CHOICE_SUFFIX)
+
+
+def test_finetune_records_match_their_captions(tmp_path):
+    root = prepare_shapes(tmp_path / "s", n_train=30, n_eval=2, seed=3)
+    pretrain = [json.loads(x) for x in (root / "pretrain.jsonl").read_text().splitlines()]
+    finetune = [json.loads(x) for x in (root / "finetune.jsonl").read_text().splitlines()]
+    for p, f in zip(pretrain, finetune):
+        assert p["image"] == f["image"]
+        colour_of = dict(re.findall(r"a (\w+) in (\w+)", p["conversations"][1]["value"]))
+        turns = f["conversations"]
+        assert turns[0]["value"].startswith("<image>\n") and not any("<image>" in t["value"] for t in turns[1:])
+        asked = {t["value"].removeprefix("<image>\n"): a["value"] for t, a in zip(turns[::2], turns[1::2])}
+        assert len(asked) == len(turns) // 2 == 2 * len(colour_of) + 4
+        assert asked["How many shapes are there?"] == str(len(colour_of))
+        for kind, colour in colour_of.items():
+            assert asked[f"What color is the {kind}?"] == colour and asked[f"Is there a {kind}?"] == "yes"
 
 
 def test_an_older_folder_is_drawn_again_with_the_same_images(tmp_path):

@@ -3,10 +3,10 @@
 Prepares the shapes data, pretrains and finetunes the tiny recipe on CPU, evaluates on the
 held-out shapes benchmark and answers one chat question. The finetuned model must answer
 far above chance overall (about 35% for these question types), solve counting and give the
-image's shape count in chat; the other categories need the finetuned model to use shape
-kinds, which stage 1 now teaches (its captions name them) but stage 2 does not yet carry over
-to presence and lettered-choice questions (issue 28: the aim is 85% in every category), so
-they are printed, not asserted.
+image's shape count in chat. The other categories need shape kinds, which the tiny tower
+does not yet learn from scratch (issue 28: the aim is 85% in every category; with a tower
+that sees kinds the recipe reaches 98-100% on colour and presence), so they are printed, not
+asserted.
 """
 
 from __future__ import annotations
