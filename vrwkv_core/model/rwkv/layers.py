@@ -95,8 +95,8 @@ def _one_thread() -> bool:
 def cpu_step_threads(x: torch.Tensor, one: bool, quant: bool = False) -> Iterator[None]:
     """A one-row fp32 CPU decode step (`one`: T == 1) with torch on N > 1 threads runs its small
     ops on one thread (their OpenMP regions cost more than they save) and its matrix products on
-    N: fp32 matrices through numpy's OpenBLAS on N threads (0.1B shape, 2 cores: 27 ms a token,
-    against 33 on one thread and 40 through MKL on two), quantized ones (`quant`) through torch's
+    N: fp32 matrices through numpy's OpenBLAS on N threads (0.1B shape, 2 quiet cores: 31-32 ms a
+    token, against 36-41 on one thread and 41-49 through MKL on two), quantized ones (`quant`) through torch's
     kernels on N threads (`run_on_kernel_threads`, the LoRA products' fp16 copies too, as with
     several rows: a row's logits stay the same bits alone or in a batch). Only one pool works at
     a time, so the pools do not fight (see `row_vector_weight`)."""
