@@ -136,7 +136,9 @@ def _int8_fbgemm(q: torch.Tensor, scales: torch.Tensor) -> Callable[[torch.Tenso
     with warnings.catch_warnings():  # quantized tensors are deprecated; this packed kernel is not replaced yet
         warnings.simplefilter("ignore")
         qt = torch._make_per_channel_quantized_tensor(guarded, scales.double(), torch.zeros(n_out, dtype=torch.long), 0)
+        del guarded  # a copy: let it go before the packed one is made (loading peaks at the head's copies)
         packed = torch.ops.quantized.linear_prepack(qt, None)
+        del qt
     # without VNNI, fbgemm's u8 x s8 pair sums saturate at int16: 7-bit activations avoid that
     reduce_range = not getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
     op, guard = torch.ops.quantized.linear_dynamic, torch.tensor([[1.0, -1.0]])
