@@ -103,26 +103,43 @@ def caption(scene: list[Shape]) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
 
 
+COUNT_QUESTION = "How many shapes are there?"
+
+
+def color_question(s: Shape) -> tuple[str, str]:
+    """(text, answer) asking the colour of shape `s`."""
+    return f"What color is the {s.kind}?", s.color
+
+
+def presence_question(kind: str, present: bool) -> tuple[str, str]:
+    """(text, answer) asking whether a shape of `kind` is in the image."""
+    return f"Is there a {kind}?", "yes" if present else "no"
+
+
+def choice_question(s: Shape, rng: random.Random) -> tuple[str, str]:
+    """(text, letter) asking which kind has `s`'s colour among the three kinds, shuffled by `rng`."""
+    options = list(SHAPES)
+    rng.shuffle(options)
+    lines = [f"{letter}. {kind}" for letter, kind in zip("ABC", options)]
+    return f"Which shape is {s.color}?\n" + "\n".join(lines) + "\n" + CHOICE_SUFFIX, "ABC"[options.index(s.kind)]
+
+
 def make_question(category: str, scene: list[Shape], rng: random.Random) -> tuple[str, list[str]]:
     """(question text, accepted answers; the first is the training answer)."""
     if category == "color":
-        s = rng.choice(scene)
-        return f"What color is the {s.kind}?", [s.color]
+        text, answer = color_question(rng.choice(scene))
+        return text, [answer]
     if category == "count":
-        return "How many shapes are there?", [str(len(scene)), NUMBER_WORDS[len(scene)]]
+        return COUNT_QUESTION, [str(len(scene)), NUMBER_WORDS[len(scene)]]
     if category == "presence":
         present = [s.kind for s in scene]
         absent = [k for k in SHAPES if k not in present]
         ask_present = not absent or rng.random() < 0.5
-        kind = rng.choice(present if ask_present else absent)
-        return f"Is there a {kind}?", ["yes" if ask_present else "no"]
+        text, answer = presence_question(rng.choice(present if ask_present else absent), ask_present)
+        return text, [answer]
     if category == "choice":
-        s = rng.choice(scene)
-        options = list(SHAPES)
-        rng.shuffle(options)
-        lines = [f"{letter}. {kind}" for letter, kind in zip("ABC", options)]
-        letter = "ABC"[options.index(s.kind)]
-        return f"Which shape is {s.color}?\n" + "\n".join(lines) + "\n" + CHOICE_SUFFIX, [letter]
+        text, letter = choice_question(rng.choice(scene), rng)
+        return text, [letter]
     raise ValueError(f"unknown category {category!r}")
 
 
@@ -135,14 +152,10 @@ def finetune_questions(scene: list[Shape], rng: random.Random) -> list[tuple[str
     """
     pairs = []
     for s in scene:
-        pairs.append((f"What color is the {s.kind}?", s.color))
-        options = list(SHAPES)
-        rng.shuffle(options)
-        lines = [f"{letter}. {kind}" for letter, kind in zip("ABC", options)]
-        pairs.append((f"Which shape is {s.color}?\n" + "\n".join(lines) + "\n" + CHOICE_SUFFIX, "ABC"[options.index(s.kind)]))
-    pairs.append(("How many shapes are there?", str(len(scene))))
+        pairs += [color_question(s), choice_question(s, rng)]
+    pairs.append((COUNT_QUESTION, str(len(scene))))
     present = {s.kind for s in scene}
-    pairs += [(f"Is there a {kind}?", "yes" if kind in present else "no") for kind in SHAPES]
+    pairs += [presence_question(kind, kind in present) for kind in SHAPES]
     rng.shuffle(pairs)
     return pairs
 
