@@ -58,6 +58,18 @@ def test_recipe_loader_random_bytes(tmp_path, data):
     _load(tmp_path, data)
 
 
+@pytest.mark.parametrize("key", ["a\nb", "pretrain.\x85lr", "model.rwkv\tx"])
+def test_unknown_keys_with_control_characters_stay_on_one_line(tmp_path, key):
+    """A key YAML allows may hold a line break (hypothesis found one): the error shows it escaped."""
+    from vrwkv_core.config import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps({key: 1}) + "\n")  # JSON is YAML; it quotes and escapes the key
+    with pytest.raises(VrwkvError) as err:
+        load_recipe(path)
+    assert "\n" not in str(err.value) and "unknown key" in str(err.value) and repr(key.split(".")[-1])[1:-1] in str(err.value)
+
+
 @SETTINGS
 @given(structure=structures)
 def test_recipe_loader_random_structures(tmp_path, structure):

@@ -284,19 +284,21 @@ def _friendly(err: Exception, source: str) -> RecipeError:
 
     key = getattr(err, "full_key", None) or ""
     msg = str(err).splitlines()[0]
+    # a key YAML allows can hold a line break or control character: show it escaped, on one line
+    shown = f"'{key}'" if key.isprintable() else repr(key)
     if isinstance(err, ConfigKeyError) or "not in struct" in msg or "Key '" in msg and "not" in msg:
         head, _, last = key.rpartition(".")
         if last in _RENAMED:
             new = f"{head}.{_RENAMED[last]}" if head else _RENAMED[last]
-            return RecipeError(f"{source}: '{key}' was replaced by '{new}'",
+            return RecipeError(f"{source}: {shown} was replaced by '{new}'",
                                hint=f"use {new}: 1.0e-4 (the original's L2Wrap; 0 disables)")
         close = difflib.get_close_matches(key, _known_keys(), n=1, cutoff=0.6)
         hint = f"did you mean '{close[0]}'?" if close else "see the recipe reference in README.md"
-        return RecipeError(f"{source}: unknown key '{key}'", hint=hint)
+        return RecipeError(f"{source}: unknown key {shown}", hint=hint)
     if isinstance(err, OmegaConfBaseException) and "Missing mandatory value" in msg:
-        return RecipeError(f"{source}: missing required value '{key}'")
+        return RecipeError(f"{source}: missing required value {shown}")
     if key:
-        return RecipeError(f"{source}: {key}: {msg}")
+        return RecipeError(f"{source}: {key if key.isprintable() else shown}: {msg}")
     return RecipeError(f"{source}: {msg}")
 
 
