@@ -58,6 +58,14 @@ def test_layout_and_answers(tmp_path):
         # every colour named in the caption is drawn, and no other
         drawn = {name for name, rgb in COLORS.items() if (img == rgb).all(-1).sum() > 50}
         assert drawn == set(re.findall(r" in (\w+)", caption))
+        # each region's box holds every pixel of its shape's colour, and its phrase names the kind
+        assert sorted(r["phrase"] for r in rec["regions"]) == sorted(
+            f"{c} {k}" for k, c in re.findall(r"a (\w+) in (\w+)", caption))
+        for region in rec["regions"]:
+            x0, y0, x1, y1 = region["box"]
+            ys, xs = np.nonzero((img == COLORS[region["phrase"].split()[0]]).all(-1))
+            assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1
+            assert 16 <= x1 - x0 <= 26 and x1 - x0 == y1 - y0
 
     for q in questions:
         ans = answers[q["question_id"]]

@@ -89,6 +89,8 @@ _RANGES: dict[str, tuple[float, bool, float | None, bool]] = {
     "stage.val_every_steps": (0, True, None, False),
     "stage.seed": (0, True, 2**32 - 1, True),
     "stage.max_bad_steps": (1, True, None, False),
+    "stage.tower_steps": (0, True, None, False),
+    "stage.tower_lr": (0, False, None, False),
     "hardware.devices": (1, True, None, False),
     "hardware.nodes": (1, True, None, False),
     "hardware.ds_bucket_mb": (1, True, None, False),

@@ -226,6 +226,10 @@ class StageSection:
     """Image placement in this stage's training samples; null uses model.image_position (v6.0 stage 1: `first`)."""
     max_bad_steps: int = 10
     """Stop after this many steps in a row with a non-finite loss or gradients (each is skipped, not applied)."""
+    tower_steps: int = 0
+    """Before the stage, train the vision tower alone this many steps on the records' region labels ("regions": [{box, phrase}]); for towers trained from scratch (the tiny recipe); 0: none. A resumed stage skips it."""
+    tower_lr: float = 1.0e-3
+    """AdamW learning rate of that tower pretraining (constant)."""
     peft: PeftSection = field(default_factory=PeftSection)
     """Adapters or state tuning instead of training the LM's weights (see README, "Finetune with LoRA")."""
 

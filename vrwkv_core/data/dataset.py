@@ -164,7 +164,8 @@ class VisionLanguageDataset(Dataset):
         except json.JSONDecodeError as e:
             raise DataError(f"{self.records_path}: record {index} is not valid JSON ({e.msg})") from None
 
-    def _load_image(self, rel: str, index: int) -> Any:
+    def load_image(self, rel: str, index: int) -> Any:
+        """Image `rel` of record `index` through the image processor (DataError when unreadable)."""
         path = self.image_folder / rel
         try:
             with Image.open(path) as im:
@@ -192,7 +193,7 @@ class VisionLanguageDataset(Dataset):
             raise DataError(f"{self.records_path}: record {index} has {enc.n_images} <image> markers and {len(images)} images")
         try:
             # images whose placeholders were truncated away are not loaded
-            pixels = [self._load_image(rel, index) for rel in images[enc.first_image : enc.first_image + enc.n_images_kept]]
+            pixels = [self.load_image(rel, index) for rel in images[enc.first_image : enc.first_image + enc.n_images_kept]]
         except DataError as e:
             if not self.skip_bad_images:
                 raise
@@ -210,7 +211,8 @@ class VisionLanguageDataset(Dataset):
         }
 
 
-def _stack_images(images: Sequence[Any]) -> Any:
+def stack_images(images: Sequence[Any]) -> Any:
+    """Processed images (tensors or {tower: tensor}) stacked into one batch."""
     if isinstance(images[0], dict):
         return {key: torch.stack([im[key] for im in images]) for key in images[0]}
     return torch.stack(list(images))
@@ -251,7 +253,7 @@ def collate(batch: Sequence[dict | None], pad_to: int | None = None, align_image
     return {
         "input_ids": input_ids,
         "labels": labels,
-        "images": _stack_images(all_images) if all_images else None,
+        "images": stack_images(all_images) if all_images else None,
         "image_counts": torch.tensor([len(s["images"]) for s in samples], dtype=torch.long),
         "n_skipped": n_skipped,
         "n_truncated": sum(bool(s.get("truncated")) for s in samples),

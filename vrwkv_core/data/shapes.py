@@ -5,7 +5,8 @@ each in its own colour (red, green, blue, yellow), one shape per quadrant, so ev
 question has one answer. Answers are one word, a number or a letter.
 
     DIR/images/{train,eval}_NNNNN.png
-    DIR/pretrain.jsonl         "<image>\\nDescribe the image." -> "a circle in blue and a square in red."
+    DIR/pretrain.jsonl         "<image>\\nDescribe the image." -> "a circle in blue and a square in red.",
+                               with "regions": each shape's box and phrase ("blue circle")
     DIR/finetune.jsonl         every question an image has, as one conversation (shuffled): the
                                colour of each shape, the count, presence of each kind, a lettered
                                choice per shape (about 9 supervised answers per image)
@@ -44,7 +45,7 @@ CATEGORIES = ("color", "count", "presence", "choice")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 CAPTION_PROMPT = "Describe the image."
 # recorded in shapes.json ("captions"): data drawn by an older version is drawn again
-CAPTION_STYLE = "kind-first+all-questions"
+CAPTION_STYLE = "kind-first+all-questions+regions"
 CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
 DEFAULT_TRAIN, DEFAULT_EVAL, DEFAULT_SEED = 2000, 200, 0
 
@@ -65,15 +66,18 @@ def random_scene(rng: random.Random) -> list[Shape]:
     return [Shape(kind, color, q) for kind, color, q in zip(kinds, colors, quadrants)]
 
 
-def render(scene: list[Shape], rng: random.Random) -> bytes:
-    """PNG bytes of the scene (each shape 16-26 px, jittered inside its quadrant)."""
+def render(scene: list[Shape], rng: random.Random) -> tuple[bytes, list[list[int]]]:
+    """PNG bytes of the scene (each shape 16-26 px, jittered inside its quadrant) and each
+    shape's box [x0, y0, x1, y1] in pixels (x1, y1 exclusive), in the scene's order."""
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = ImageDraw.Draw(img)
     half = IMAGE_SIZE // 2
+    boxes = []
     for s in scene:
         size = rng.randint(16, 26)
         x0 = (s.quadrant % 2) * half + rng.randint(2, half - size - 2)
         y0 = (s.quadrant // 2) * half + rng.randint(2, half - size - 2)
+        boxes.append([x0, y0, x0 + size, y0 + size])
         box = (x0, y0, x0 + size - 1, y0 + size - 1)
         fill = COLORS[s.color]
         if s.kind == "circle":
@@ -84,7 +88,13 @@ def render(scene: list[Shape], rng: random.Random) -> bytes:
             draw.polygon([(x0 + (size - 1) / 2, y0), (x0, y0 + size - 1), (x0 + size - 1, y0 + size - 1)], fill=fill)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    return buf.getvalue()
+    return buf.getvalue(), boxes
+
+
+def regions(scene: list[Shape], boxes: list[list[int]]) -> list[dict]:
+    """The record's region labels: each shape's box and phrase ("blue circle"), which the
+    tower pretraining of stage 1 learns from (`pretrain.tower_steps`)."""
+    return [{"box": box, "phrase": f"{s.color} {s.kind}"} for s, box in zip(scene, boxes)]
 
 
 def caption(scene: list[Shape]) -> str:
@@ -173,13 +183,14 @@ def _write_all(root: Path, n_train: int, n_eval: int, seed: int, progress: Progr
     for i in range(n_train):
         name = f"train_{i:05d}.png"
         scene = random_scene(train_rng)
+        png, boxes = render(scene, train_rng)
         # no fsync per image (2200 of them; ~5 ms each): the set is cheap to draw again
-        atomic_write_bytes(images / name, render(scene, train_rng), fsync=False)
+        atomic_write_bytes(images / name, png, fsync=False)
         rid = f"shapes-train-{i:05d}"
         pretrain.append({"id": rid, "image": [name], "conversations": [
             {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
             {"from": "gpt", "value": caption(scene)},
-        ]})
+        ], "regions": regions(scene, boxes)})
         conv = []
         for j, (q, answer) in enumerate(finetune_questions(scene, question_rng)):
             conv.append({"from": "human", "value": f"<image>\n{q}" if j == 0 else q})
@@ -191,7 +202,7 @@ def _write_all(root: Path, n_train: int, n_eval: int, seed: int, progress: Progr
     for i in range(n_eval):
         name = f"eval_{i:05d}.png"
         scene = random_scene(eval_rng)
-        atomic_write_bytes(images / name, render(scene, eval_rng), fsync=False)
+        atomic_write_bytes(images / name, render(scene, eval_rng)[0], fsync=False)
         cat = CATEGORIES[i % len(CATEGORIES)]
         q, answers = make_question(cat, scene, eval_rng)
         qid = f"shapes-{i:05d}"

@@ -43,6 +43,7 @@ from vrwkv_core.train.failures import (
 from vrwkv_core.train.module import StageModule, parameter_table
 from vrwkv_core.train.outdir import OutDirLock, check_out_dir
 from vrwkv_core.train.strategy import is_launch_rank_zero, trainer_hardware
+from vrwkv_core.train.tower import pretrain_tower
 
 if TYPE_CHECKING:
     from vrwkv_core.config import Recipe
@@ -233,10 +234,16 @@ def _fit(recipe: "Recipe", stage: str, resume: bool, progress: Progress, trainer
     recipe = replace(recipe, model=model.config) if hasattr(model, "config") else recipe
     if ckpt_path is not None:
         _report_drift(_saved_recipe(ckpt_path, entry), recipe, stage, progress)
-    module = StageModule(model, recipe, stage)
-    monitor.recipe = recipe
     data = StageData(recipe, stage, paths, model.image_processor, model.tokens_per_image,
                      rejects_path=out_dir / "rejects.jsonl" if rank_zero else None)  # fmt: skip
+    if st.tower_steps and ckpt_path is None:  # a resumed stage's checkpoint holds the trained tower
+        started = time.perf_counter()
+        stats = pretrain_tower(model, data.dataset, data.train_idx, st.tower_steps, st.tower_lr, st.micro_batch, st.seed, progress)
+        progress.log(f"{stage}: tower pretrained, {st.tower_steps} steps on {int(stats['regions'])} regions: "
+                     f"loss {stats['first_loss']:.2f} -> {stats['last_loss']:.2f}, words right "
+                     f"{100 * stats['accuracy']:.0f}%, {time.perf_counter() - started:.0f} s")  # fmt: skip
+    module = StageModule(model, recipe, stage)
+    monitor.recipe = recipe
     if data.dataset.rejects:
         progress.log(f"warning: {len(data.dataset.rejects)} record(s) of {paths['records']} skipped "
                      f"(first: line {data.dataset.rejects[0]['line']}, {data.dataset.rejects[0]['reason']}): "
