@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from vrwkv_core.data.dataset import record_images, stack_images
 from vrwkv_core.errors import DataError, RecipeError
@@ -84,8 +85,6 @@ class _Item:
 
 def _collect(dataset: "VisionLanguageDataset", indices: Sequence[int], side: int) -> tuple[list[_Item], list[str]]:
     """Every record of `indices` with regions (one image each): masks over the grid, word ids."""
-    from PIL import Image
-
     found: list[tuple[int, str, list[Region], tuple[int, int]]] = []
     vocab: set[str] = set()
     for index in indices:
@@ -144,13 +143,13 @@ def pretrain_tower(model: "VisualRWKV", dataset: "VisionLanguageDataset", indice
         # sibling thread (30 steps: 119 s on two threads, 3.4 s on one)
         torch.set_num_threads(1)
     try:
-        return _train(model, dataset, items, words, head, steps, lr, batch, seed, progress)
+        return {**_train(model, dataset, items, head, steps, lr, batch, seed, progress), "words": float(len(words))}
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(model: "VisualRWKV", dataset: "VisionLanguageDataset", items: list[_Item], words: list[str],
-           head: torch.nn.Linear, steps: int, lr: float, batch: int, seed: int, progress: Progress) -> dict[str, float]:
+def _train(model: "VisualRWKV", dataset: "VisionLanguageDataset", items: list[_Item], head: torch.nn.Linear,
+           steps: int, lr: float, batch: int, seed: int, progress: Progress) -> dict[str, float]:
     params = list(model.vit.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     order = random.Random(seed)
@@ -185,4 +184,4 @@ def _train(model: "VisualRWKV", dataset: "VisionLanguageDataset", items: list[_I
         progress.update(1)
     progress.close()
     return {"first_loss": first, "last_loss": last, "accuracy": accuracy,
-            "regions": float(sum(len(it.words) for it in items)), "words": float(len(words))}
+            "regions": float(sum(len(it.words) for it in items))}
