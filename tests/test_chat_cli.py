@@ -199,7 +199,7 @@ def test_load_model_is_the_checkpoint_loader_plus_the_cpu_decoding_layout(model_
     bad = tmp_path / "bad"
     shutil.copytree(model_dir, bad)
     cfg = yaml.safe_load((bad / "config.yaml").read_text())
-    cfg["model"]["rwkv"]["n_layer"] = 3
+    cfg["model"]["rwkv"]["n_layer"] += 1  # a layer the weights do not have
     (bad / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(CheckpointError, match="missing"):
         load_model(bad, device="cpu")

@@ -261,8 +261,9 @@ def test_build_from_parts_takes_the_lm_from_a_world_pth(tiny_recipe, tmp_path, t
 
 def test_build_from_parts_refuses_a_checkpoint_of_other_dims(tiny_recipe, tmp_path) -> None:
     path = _world_pth(tmp_path, tiny_recipe)
-    recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"model.rwkv.checkpoint={path}", "model.rwkv.n_layer=3"])
-    with pytest.raises(CheckpointError, match=r"has n_layer 2, but the recipe's model.rwkv.n_layer is 3"):
+    n = tiny_recipe.model.rwkv.n_layer
+    recipe = load_recipe(REPO / "recipes" / "tiny.yaml", [f"model.rwkv.checkpoint={path}", f"model.rwkv.n_layer={n + 1}"])
+    with pytest.raises(CheckpointError, match=rf"has n_layer {n}, but the recipe's model.rwkv.n_layer is {n + 1}"):
         build_from_parts(recipe)
 
 

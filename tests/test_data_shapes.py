@@ -46,7 +46,8 @@ def test_layout_and_answers(tmp_path):
     finetune = [json.loads(x) for x in (root / "finetune.jsonl").read_text().splitlines()]
     questions = [json.loads(x) for x in (root / "eval/questions.jsonl").read_text().splitlines()]
     answers = json.loads((root / "eval/answers.json").read_text())
-    assert len(pretrain) == len(finetune) == 40 and len(questions) == 16
+    assert len(pretrain) == 40 and len(questions) == 16
+    assert [r["image"] for r in pretrain] == list({r["image"][0]: [r["image"][0]] for r in finetune}.values())
     assert [q["category"] for q in questions[:4]] == list(CATEGORIES)
     assert set(answers) == {q["question_id"] for q in questions}
     assert not {q["image"] for q in questions} & {r["image"][0] for r in finetune}  # held-out images
@@ -83,7 +84,8 @@ def test_records_pass_prepare_data(tmp_path):
     root = prepare_shapes(tmp_path / "shapes", n_train=30, n_eval=4, seed=2)
     for name in ("pretrain.jsonl", "finetune.jsonl"):
         report = prepare_llava(root / name, root / "images", tmp_path / name, max_reject_fraction=0.0)
-        assert (report.accepted, report.rejected) == (30, 0)
+        assert (report.accepted, report.rejected) == (len((root / name).read_text().splitlines()), 0)
+    assert report.accepted > 30 * 6  # finetune: one record per question, 6-10 per image
 
 
 def test_cli(tmp_path):
@@ -115,17 +117,22 @@ def test_finetune_questions_ask_everything_about_the_scene():
             assert q.endswith(CHOICE_SUFFIX)
 
 
-def test_finetune_records_match_their_captions(tmp_path):
+def test_finetune_records_ask_one_question_each_and_match_their_captions(tmp_path):
     root = prepare_shapes(tmp_path / "s", n_train=30, n_eval=2, seed=3)
     pretrain = [json.loads(x) for x in (root / "pretrain.jsonl").read_text().splitlines()]
     finetune = [json.loads(x) for x in (root / "finetune.jsonl").read_text().splitlines()]
-    for p, f in zip(pretrain, finetune):
-        assert p["image"] == f["image"]
+    by_image: dict[str, dict[str, str]] = {}
+    for f in finetune:
+        human, gpt = f["conversations"]  # one question, one answer: no answer gives away another
+        assert human["from"] == "human" and gpt["from"] == "gpt" and human["value"].startswith("<image>\n")
+        asked = by_image.setdefault(f["image"][0], {})
+        assert f["id"] == f"{f['image'][0].replace('train_', 'shapes-train-').removesuffix('.png')}-q{len(asked)}"
+        asked[human["value"].removeprefix("<image>\n")] = gpt["value"]
+    assert list(by_image) == [p["image"][0] for p in pretrain]
+    for p in pretrain:
         colour_of = dict(re.findall(r"a (\w+) in (\w+)", p["conversations"][1]["value"]))
-        turns = f["conversations"]
-        assert turns[0]["value"].startswith("<image>\n") and not any("<image>" in t["value"] for t in turns[1:])
-        asked = {t["value"].removeprefix("<image>\n"): a["value"] for t, a in zip(turns[::2], turns[1::2])}
-        assert len(asked) == len(turns) // 2 == 2 * len(colour_of) + 4
+        asked = by_image[p["image"][0]]
+        assert len(asked) == 2 * len(colour_of) + 4
         assert asked["How many shapes are there?"] == str(len(colour_of))
         for kind, colour in colour_of.items():
             assert asked[f"What color is the {kind}?"] == colour and asked[f"Is there a {kind}?"] == "yes"

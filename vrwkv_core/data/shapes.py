@@ -7,9 +7,9 @@ question has one answer. Answers are one word, a number or a letter.
     DIR/images/{train,eval}_NNNNN.png
     DIR/pretrain.jsonl         "<image>\\nDescribe the image." -> "a circle in blue and a square in red.",
                                with "regions": each shape's box and phrase ("blue circle")
-    DIR/finetune.jsonl         every question an image has, as one conversation (shuffled): the
+    DIR/finetune.jsonl         every question an image has, each its own one-turn record: the
                                colour of each shape, the count, presence of each kind, a lettered
-                               choice per shape (about 9 supervised answers per image)
+                               choice per shape (about 8 records per image)
     DIR/eval/questions.jsonl   {question_id, image, text, category}, on held-out images
     DIR/eval/answers.json      {question_id: [accepted answers]}
     DIR/shapes.json            the generator's parameters
@@ -45,7 +45,7 @@ CATEGORIES = ("color", "count", "presence", "choice")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 CAPTION_PROMPT = "Describe the image."
 # recorded in shapes.json ("captions"): data drawn by an older version is drawn again
-CAPTION_STYLE = "kind-first+all-questions+regions"
+CAPTION_STYLE = "kind-first+one-question-records+regions"
 CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
 DEFAULT_TRAIN, DEFAULT_EVAL, DEFAULT_SEED = 2000, 200, 0
 
@@ -157,8 +157,9 @@ def finetune_questions(scene: list[Shape], rng: random.Random) -> list[tuple[str
     """Every (question, training answer) the scene has, shuffled: colour and lettered choice per
     shape, the count, presence of each kind (absent kinds included).
 
-    One image's ~64 tokens then carry about 9 answers instead of 2, and presence is asked of
-    every kind; with a tower that sees kinds this is what teaches presence (72% -> 100%).
+    Each becomes its own record (`finetune_records`): asked together in one conversation, later
+    answers follow from earlier ones (the number of "yes" is the count, the last colour asked is
+    the one left), and stage 2 learned those shortcuts instead of looking at the image (issue 28).
     """
     pairs = []
     for s in scene:
@@ -168,6 +169,13 @@ def finetune_questions(scene: list[Shape], rng: random.Random) -> list[tuple[str
     pairs += [presence_question(kind, kind in present) for kind in SHAPES]
     rng.shuffle(pairs)
     return pairs
+
+
+def finetune_records(rid: str, image: str, scene: list[Shape], rng: random.Random) -> list[dict]:
+    """One LLaVA record per question of `finetune_questions`, ids `{rid}-qN`."""
+    return [{"id": f"{rid}-q{j}", "image": [image], "conversations": [
+        {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": answer}]}
+        for j, (q, answer) in enumerate(finetune_questions(scene, rng))]
 
 
 def _write_all(root: Path, n_train: int, n_eval: int, seed: int, progress: Progress) -> None:
@@ -191,11 +199,7 @@ def _write_all(root: Path, n_train: int, n_eval: int, seed: int, progress: Progr
             {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
             {"from": "gpt", "value": caption(scene)},
         ], "regions": regions(scene, boxes)})
-        conv = []
-        for j, (q, answer) in enumerate(finetune_questions(scene, question_rng)):
-            conv.append({"from": "human", "value": f"<image>\n{q}" if j == 0 else q})
-            conv.append({"from": "gpt", "value": answer})
-        finetune.append({"id": rid, "image": [name], "conversations": conv})
+        finetune += finetune_records(rid, name, scene, question_rng)
         progress.update(1)
 
     questions, answers_by_id = [], {}
