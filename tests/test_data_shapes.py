@@ -47,7 +47,7 @@ def test_layout_and_answers(tmp_path):
     questions = [json.loads(x) for x in (root / "eval/questions.jsonl").read_text().splitlines()]
     answers = json.loads((root / "eval/answers.json").read_text())
     assert len(pretrain) == 40 and len(questions) == 16
-    assert [r["image"] for r in pretrain] == list({r["image"][0]: [r["image"][0]] for r in finetune}.values())
+    assert [r["image"][0] for r in pretrain] == list(dict.fromkeys(r["image"][0] for r in finetune))
     assert [q["category"] for q in questions[:4]] == list(CATEGORIES)
     assert set(answers) == {q["question_id"] for q in questions}
     assert not {q["image"] for q in questions} & {r["image"][0] for r in finetune}  # held-out images
