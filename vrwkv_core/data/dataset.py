@@ -46,45 +46,49 @@ from vrwkv_core.textio import inside
 log = logging.getLogger(__name__)
 
 
-def _reject_reason(line: bytes, image_folder: Path) -> str | None:
-    """Why a records line cannot be trained on (None when it can): the checks that need no
-    tokenizer or image decoding, so a file of bad records fails before training starts."""
+def _reject_reason(line: bytes, image_folder: Path) -> tuple[str | None, list[str]]:
+    """Why a records line cannot be trained on (None when it can), and its image paths: the
+    checks that need no tokenizer or image decoding, so a file of bad records fails before
+    training starts."""
     try:
         record = json.loads(line)
     except UnicodeDecodeError as e:
-        return f"not UTF-8 text ({e.reason})"
+        return f"not UTF-8 text ({e.reason})", []
     except (json.JSONDecodeError, RecursionError) as e:
-        return f"not valid JSON ({getattr(e, 'msg', 'nested too deeply')})"
+        return f"not valid JSON ({getattr(e, 'msg', 'nested too deeply')})", []
     if not isinstance(record, dict):
-        return f"not a JSON object ({type(record).__name__})"
+        return f"not a JSON object ({type(record).__name__})", []
     conversations = record.get("conversations")
     if not isinstance(conversations, list) or not conversations:
-        return "missing or empty 'conversations' list"
+        return "missing or empty 'conversations' list", []
     images = record.get("image")
     images = [images] if isinstance(images, str) else images if images is not None else []
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-        return "'image' is not a path or a list of paths"
+        return "'image' is not a path or a list of paths", []
     for rel in images:
         if inside(image_folder, rel) is None:
-            return f"image path {rel!r} escapes the image folder"
-    return None
+            return f"image path {rel!r} escapes the image folder", []
+    return None, images
 
 
-def _index_lines(path: Path, image_folder: Path) -> tuple[array, list[dict]]:
-    """Byte offset of every usable non-blank line, and a reject entry for each other one."""
-    offsets = array("q")
+def _index_lines(path: Path, image_folder: Path) -> tuple[array, array, list[dict]]:
+    """Byte offset and image key of every usable non-blank line, and a reject entry for each
+    other one. Records with the same image list share a key (-1: no image)."""
+    offsets, image_keys = array("q"), array("q")
+    key_of: dict[tuple[str, ...], int] = {}
     rejects: list[dict] = []
     pos = 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
             if line.strip():
-                reason = _reject_reason(line, image_folder)
+                reason, images = _reject_reason(line, image_folder)
                 if reason is None:
                     offsets.append(pos)
+                    image_keys.append(key_of.setdefault(tuple(images), len(key_of)) if images else -1)
                 else:
                     rejects.append({"line": lineno, "reason": reason})
             pos += len(line)
-    return offsets, rejects
+    return offsets, image_keys, rejects
 
 
 def record_images(record: dict) -> list[str]:
@@ -132,7 +136,8 @@ class VisionLanguageDataset(Dataset):
         self.image_position = image_position
         self.truncation = truncation
         self.blank_image = blank_image
-        self.offsets, self.rejects = _index_lines(self.records_path, self.image_folder)
+        # image_keys[i]: which image list record i has (-1: none), to batch records of one image together
+        self.offsets, self.image_keys, self.rejects = _index_lines(self.records_path, self.image_folder)
         if self.rejects and rejects_path is not None:
             lines = "".join(json.dumps({"file": str(self.records_path), **r}) + "\n" for r in self.rejects)
             atomic_write_text(rejects_path, lines)
@@ -208,6 +213,7 @@ class VisionLanguageDataset(Dataset):
             "partial_image": enc.image_rows is not None,
             "index": index,
             "id": record.get("id"),
+            "image_key": self.image_keys[index],
         }
 
 
@@ -233,8 +239,9 @@ def collate(batch: Sequence[dict | None], pad_to: int | None = None, align_image
     `preparing_embedding` does; a sample is never cut after that (it may outgrow `pad_to`).
 
     Returns input_ids/labels [B, T], images (tensor or dict of [N_img, 3, H, W], or None),
-    image_counts [B], n_skipped (dropped None samples), n_truncated, ids. Returns None when
-    every sample was dropped.
+    image_counts [B], n_skipped (dropped None samples), n_truncated, ids, lengths [B] (each
+    row's unpadded length), image_keys [B] (the dataset's key of each row's images, -1: none).
+    Returns None when every sample was dropped.
     """
     samples = [s for s in batch if s is not None]
     n_skipped = len(batch) - len(samples)
@@ -259,6 +266,8 @@ def collate(batch: Sequence[dict | None], pad_to: int | None = None, align_image
         "n_truncated": sum(bool(s.get("truncated")) for s in samples),
         "partial_images": any(s.get("partial_image") for s in samples),
         "ids": [s.get("id") for s in samples],
+        "lengths": torch.tensor([pad + len(s["input_ids"]) for pad, s in zip(left, samples)], dtype=torch.long),
+        "image_keys": torch.tensor([s.get("image_key", -1) for s in samples], dtype=torch.long),
     }
 
 
@@ -273,9 +282,15 @@ class ResumableSampler(Sampler[int]):
     right after it. Note that a DataLoader pulls indices ahead of the training step (its
     prefetch), so a training loop that wants the exact position saves
     `{"epoch": e, "consumed": samples_done_on_this_rank}` instead of `state_dict()`.
+
+    With `group_keys` (one key per index, -1: none) and `group_size` K > 1, the shuffled
+    order is regrouped: the indices of each key come in runs of up to K (in shuffled order),
+    the runs themselves shuffled, so a batch holds K records of one image whose shared
+    prefix `train.branching` runs once. A single rank gets the runs whole.
     """
 
-    def __init__(self, dataset_len: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True, drop_last: bool = False) -> None:
+    def __init__(self, dataset_len: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 drop_last: bool = False, group_keys: Sequence[int] | None = None, group_size: int = 1) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         if dataset_len <= 0:
@@ -294,6 +309,10 @@ class ResumableSampler(Sampler[int]):
             self.num_samples = math.ceil(dataset_len / world_size)
         self.epoch = 0
         self.consumed = 0
+        if group_keys is not None and len(group_keys) != dataset_len:
+            raise ValueError(f"{len(group_keys)} group keys for {dataset_len} samples")
+        self.group_keys = group_keys if group_size > 1 else None
+        self.group_size = group_size
 
     def __len__(self) -> int:
         return self.num_samples
@@ -310,6 +329,8 @@ class ResumableSampler(Sampler[int]):
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.dataset_len, generator=g).tolist()
+            if self.group_keys is not None:
+                order = self._grouped(order, g)
         else:
             order = list(range(self.dataset_len))
         total = self.num_samples * self.world_size
@@ -318,6 +339,23 @@ class ResumableSampler(Sampler[int]):
         else:
             order = order[:total]
         return order[self.rank : total : self.world_size]
+
+    def _grouped(self, order: list[int], g: torch.Generator) -> list[int]:
+        """`order` regrouped into shuffled runs of up to group_size indices with one key."""
+        by_key: dict[int, list[int]] = {}
+        runs: list[list[int]] = []
+        for i in order:
+            key = self.group_keys[i]
+            if key < 0:
+                runs.append([i])
+                continue
+            run = by_key.setdefault(key, [])
+            run.append(i)
+            if len(run) == self.group_size:
+                runs.append(run)
+                del by_key[key]
+        runs += by_key.values()
+        return [i for j in torch.randperm(len(runs), generator=g).tolist() for i in runs[j]]
 
     def __iter__(self) -> Iterator[int]:
         if self.consumed >= self.num_samples:  # a finished epoch iterated again without set_epoch

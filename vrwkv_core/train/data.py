@@ -63,7 +63,9 @@ class StageData(pl.LightningDataModule):
             per_rank = self.stage.max_steps * self.stage.grad_accum * self.stage.micro_batch
             self.sampler = OriginalOrderSampler(len(self.train_idx), per_rank, rank=rank, world_size=world)
         else:
-            self.sampler = ResumableSampler(len(self.train_idx), seed=self.stage.seed, rank=rank, world_size=world)
+            keys = [self.dataset.image_keys[i] for i in self.train_idx] if self.stage.shared_prefix > 1 else None
+            self.sampler = ResumableSampler(len(self.train_idx), seed=self.stage.seed, rank=rank, world_size=world,
+                                            group_keys=keys, group_size=self.stage.shared_prefix)
         if self._pending_state is not None:
             self.sampler.load_state_dict(self._pending_state)
             self._pending_state = None

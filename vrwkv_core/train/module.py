@@ -28,6 +28,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from vrwkv_core.train.branching import branched_hidden
 from vrwkv_core.train.peft import setup_peft
 
 if TYPE_CHECKING:
@@ -170,8 +171,11 @@ class StageModule(pl.LightningModule):
         self._deepspeed = recipe.hardware.strategy.startswith("deepspeed")
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        hidden, _ = self.model(batch["input_ids"], batch.get("images"), batch.get("image_counts"), logits="hidden",
-                               partial_images=bool(batch.get("partial_images")))
+        if self.stage.shared_prefix:
+            hidden = branched_hidden(self.model, batch)
+        else:
+            hidden, _ = self.model(batch["input_ids"], batch.get("images"), batch.get("image_counts"), logits="hidden",
+                                   partial_images=bool(batch.get("partial_images")))
         return sequence_loss(hidden, batch["labels"].to(hidden.device), self.model.rwkv.head, self.stage.l2wrap, self.stage.loss_mean)
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
