@@ -16,8 +16,11 @@ import random
 
 from vrwkv_core.data.shapes import (
     CATEGORIES,
+    CHOICE_ORDERS,
     CHOICE_SUFFIX,
     COLORS,
+    DRILLS_PER_IMAGE,
+    SHAPES,
     Shape,
     caption,
     finetune_questions,
@@ -47,10 +50,10 @@ def test_layout_and_answers(tmp_path):
     questions = [json.loads(x) for x in (root / "eval/questions.jsonl").read_text().splitlines()]
     answers = json.loads((root / "eval/answers.json").read_text())
     assert len(pretrain) == 40 and len(questions) == 16
-    assert [r["image"][0] for r in pretrain] == list(dict.fromkeys(r["image"][0] for r in finetune))
+    assert [r["image"][0] for r in pretrain] == list(dict.fromkeys(r["image"][0] for r in finetune if "image" in r))
     assert [q["category"] for q in questions[:4]] == list(CATEGORIES)
     assert set(answers) == {q["question_id"] for q in questions}
-    assert not {q["image"] for q in questions} & {r["image"][0] for r in finetune}  # held-out images
+    assert not {q["image"] for q in questions} & {r["image"][0] for r in finetune if "image" in r}  # held-out images
 
     for rec in pretrain:
         img = np.asarray(Image.open(root / "images" / rec["image"][0]))
@@ -101,41 +104,64 @@ def test_captions_name_kinds_first_in_kind_order():
     assert caption([Shape("square", "green", 2)]) == "a square in green."
 
 
+def _choice_answer(q: str, letter: str) -> str:
+    """The kind a lettered choice's answer names, checking the question's layout."""
+    assert q.endswith(CHOICE_SUFFIX)
+    options = dict(line.split(". ") for line in q.splitlines()[1:4])
+    assert sorted(options.values()) == sorted(SHAPES)
+    return options[letter]
+
+
 def test_finetune_questions_ask_everything_about_the_scene():
     scene = [Shape("triangle", "red", 0), Shape("circle", "blue", 3)]
     pairs = finetune_questions(scene, random.Random(0))
-    assert len(pairs) == 8  # 2 colours, 2 choices, the count, 3 kinds' presence
+    assert len(pairs) == 14  # per shape its colour, its kind in words and 3 lettered; the count; 3 presences
     asked = dict(pairs)
     assert asked["What color is the triangle?"] == "red" and asked["What color is the circle?"] == "blue"
+    assert asked["Which shape is red?"] == "triangle" and asked["Which shape is blue?"] == "circle"
     assert asked["How many shapes are there?"] == "2"
     assert [asked[f"Is there a {k}?"] for k in ("circle", "square", "triangle")] == ["yes", "no", "yes"]
-    for q, letter in pairs:
-        if q.startswith("Which shape is "):
-            colour = q.split()[3].rstrip("?")
-            options = dict(line.split(". ") for line in q.splitlines()[1:4])
-            assert options[letter] == {"red": "triangle", "blue": "circle"}[colour]
-            assert q.endswith(CHOICE_SUFFIX)
+    choices = [(q, letter) for q, letter in pairs if "\n" in q]
+    assert len(choices) == 2 * CHOICE_ORDERS
+    for q, letter in choices:
+        assert _choice_answer(q, letter) == {"red": "triangle", "blue": "circle"}[q.split()[3].rstrip("?")]
 
 
 def test_finetune_records_ask_one_question_each_and_match_their_captions(tmp_path):
     root = prepare_shapes(tmp_path / "s", n_train=30, n_eval=2, seed=3)
     pretrain = [json.loads(x) for x in (root / "pretrain.jsonl").read_text().splitlines()]
     finetune = [json.loads(x) for x in (root / "finetune.jsonl").read_text().splitlines()]
-    by_image: dict[str, dict[str, str]] = {}
-    for f in finetune:
+    by_image: dict[str, list[tuple[str, str]]] = {}
+    drills = [f for f in finetune if "image" not in f]
+    for f in finetune[: len(finetune) - len(drills)]:
         human, gpt = f["conversations"]  # one question, one answer: no answer gives away another
         assert human["from"] == "human" and gpt["from"] == "gpt" and human["value"].startswith("<image>\n")
-        asked = by_image.setdefault(f["image"][0], {})
+        asked = by_image.setdefault(f["image"][0], [])
         assert f["id"] == f"{f['image'][0].replace('train_', 'shapes-train-').removesuffix('.png')}-q{len(asked)}"
-        asked[human["value"].removeprefix("<image>\n")] = gpt["value"]
-    assert list(by_image) == [p["image"][0] for p in pretrain]
+        asked.append((human["value"].removeprefix("<image>\n"), gpt["value"]))
+    assert list(dict.fromkeys(by_image)) == [p["image"][0] for p in pretrain]
     for p in pretrain:
         colour_of = dict(re.findall(r"a (\w+) in (\w+)", p["conversations"][1]["value"]))
-        asked = by_image[p["image"][0]]
-        assert len(asked) == 2 * len(colour_of) + 4
+        pairs = by_image[p["image"][0]]
+        asked = dict(pairs)
+        assert len(pairs) == (2 + CHOICE_ORDERS) * len(colour_of) + 4
         assert asked["How many shapes are there?"] == str(len(colour_of))
         for kind, colour in colour_of.items():
             assert asked[f"What color is the {kind}?"] == colour and asked[f"Is there a {kind}?"] == "yes"
+            assert asked[f"Which shape is {colour}?"] == kind
+        for q, letter in pairs:
+            if "\n" in q:
+                assert _choice_answer(q, letter) == {c: k for k, c in colour_of.items()}[q.split()[3].rstrip("?")]
+    # text-only option drills after the image records, the asked kind skewed toward the first
+    assert [d["id"] for d in drills] == [f"shapes-drill-{i:05d}" for i in range(DRILLS_PER_IMAGE * 30)]
+    assert finetune[-len(drills):] == drills
+    kinds = []
+    for d in drills:
+        human, gpt = d["conversations"]
+        kind = re.fullmatch(r"Which shape is the (\w+)\?", human["value"].splitlines()[0])[1]
+        assert _choice_answer(human["value"], gpt["value"]) == kind
+        kinds.append(kind)
+    assert kinds.count("circle") > kinds.count("square") > kinds.count("triangle") > 0
 
 
 def test_an_older_folder_is_drawn_again_with_the_same_images(tmp_path):

@@ -8,8 +8,9 @@ question has one answer. Answers are one word, a number or a letter.
     DIR/pretrain.jsonl         "<image>\\nDescribe the image." -> "a circle in blue and a square in red.",
                                with "regions": each shape's box and phrase ("blue circle")
     DIR/finetune.jsonl         every question an image has, each its own one-turn record: the
-                               colour of each shape, the count, presence of each kind, a lettered
-                               choice per shape (about 8 records per image)
+                               colour of each shape, which kind has a colour (in words and as
+                               lettered choices), the count, presence of each kind (about 14 per
+                               image); then 4 text-only option drills per image
     DIR/eval/questions.jsonl   {question_id, image, text, category}, on held-out images
     DIR/eval/answers.json      {question_id: [accepted answers]}
     DIR/shapes.json            the generator's parameters
@@ -45,9 +46,12 @@ CATEGORIES = ("color", "count", "presence", "choice")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 CAPTION_PROMPT = "Describe the image."
 # recorded in shapes.json ("captions"): data drawn by an older version is drawn again
-CAPTION_STYLE = "kind-first+one-question-records+regions"
+CAPTION_STYLE = "kind-first+one-question-records+option-drills+regions"
 CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
 DEFAULT_TRAIN, DEFAULT_EVAL, DEFAULT_SEED = 2000, 200, 0
+CHOICE_ORDERS = 3  # lettered choices per shape in finetune.jsonl, each with its own option order
+DRILLS_PER_IMAGE = 4  # text-only option drills in finetune.jsonl per training image
+DRILL_WEIGHTS = (0.7, 0.2, 0.1)  # how often a drill asks for each of SHAPES
 
 
 @dataclass(frozen=True)
@@ -126,12 +130,18 @@ def presence_question(kind: str, present: bool) -> tuple[str, str]:
     return f"Is there a {kind}?", "yes" if present else "no"
 
 
-def choice_question(s: Shape, rng: random.Random) -> tuple[str, str]:
-    """(text, letter) asking which kind has `s`'s colour among the three kinds, shuffled by `rng`."""
+def lettered_choice(question: str, kind: str, rng: random.Random) -> tuple[str, str]:
+    """(text, letter): `question` with the three kinds as options A-C in an order drawn by `rng`,
+    answered with the letter of `kind`."""
     options = list(SHAPES)
     rng.shuffle(options)
-    lines = [f"{letter}. {kind}" for letter, kind in zip("ABC", options)]
-    return f"Which shape is {s.color}?\n" + "\n".join(lines) + "\n" + CHOICE_SUFFIX, "ABC"[options.index(s.kind)]
+    lines = [f"{letter}. {k}" for letter, k in zip("ABC", options)]
+    return f"{question}\n" + "\n".join(lines) + "\n" + CHOICE_SUFFIX, "ABC"[options.index(kind)]
+
+
+def choice_question(s: Shape, rng: random.Random) -> tuple[str, str]:
+    """(text, letter) asking which kind has `s`'s colour among the three kinds, shuffled by `rng`."""
+    return lettered_choice(f"Which shape is {s.color}?", s.kind, rng)
 
 
 def make_question(category: str, scene: list[Shape], rng: random.Random) -> tuple[str, list[str]]:
@@ -153,17 +163,26 @@ def make_question(category: str, scene: list[Shape], rng: random.Random) -> tupl
     raise ValueError(f"unknown category {category!r}")
 
 
+def kind_question(s: Shape) -> tuple[str, str]:
+    """(text, answer) asking which kind has `s`'s colour, answered with the kind's name."""
+    return f"Which shape is {s.color}?", s.kind
+
+
 def finetune_questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str]]:
-    """Every (question, training answer) the scene has, shuffled: colour and lettered choice per
-    shape, the count, presence of each kind (absent kinds included).
+    """Every (question, training answer) the scene has, shuffled: per shape its colour, which
+    kind has its colour (in words, and as a lettered choice with three option orders), the
+    count, presence of each kind (absent kinds included).
 
     Each becomes its own record (`finetune_records`): asked together in one conversation, later
     answers follow from earlier ones (the number of "yes" is the count, the last colour asked is
-    the one left), and stage 2 learned those shortcuts instead of looking at the image (issue 28).
+    the one left), and stage 2 learned those shortcuts instead of looking at the image. The
+    lettered choice needs two things at once, the kind of the shape with that colour and the
+    letter of that kind among the options; the question in words and the extra option orders
+    give stage 2 each part on its own (issue 28).
     """
     pairs = []
     for s in scene:
-        pairs += [color_question(s), choice_question(s, rng)]
+        pairs += [color_question(s), kind_question(s)] + [choice_question(s, rng) for _ in range(CHOICE_ORDERS)]
     pairs.append((COUNT_QUESTION, str(len(scene))))
     present = {s.kind for s in scene}
     pairs += [presence_question(kind, kind in present) for kind in SHAPES]
@@ -176,6 +195,24 @@ def finetune_records(rid: str, image: str, scene: list[Shape], rng: random.Rando
     return [{"id": f"{rid}-q{j}", "image": [image], "conversations": [
         {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": answer}]}
         for j, (q, answer) in enumerate(finetune_questions(scene, rng))]
+
+
+def option_drill(rng: random.Random) -> tuple[str, str]:
+    """A text-only lettered choice that names the kind ("Which shape is the circle?" + the
+    three kinds in a random order): the letter lookup without the image.
+
+    The asked kind is skewed (DRILL_WEIGHTS): with all kinds equally likely the letter had no
+    signal of its own and these drills stayed at chance for 150 steps; skewed, "the circle's
+    letter" is learned first and the lookup for the others follows (issue 28).
+    """
+    kind = rng.choices(SHAPES, weights=DRILL_WEIGHTS)[0]
+    return lettered_choice(f"Which shape is the {kind}?", kind, rng)
+
+
+def drill_records(n: int, rng: random.Random) -> list[dict]:
+    """`n` text-only records of `option_drill`, ids `shapes-drill-NNNNN`."""
+    return [{"id": f"shapes-drill-{i:05d}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+            for i, (q, a) in enumerate(option_drill(rng) for _ in range(n))]
 
 
 def _write_all(root: Path, n_train: int, n_eval: int, seed: int, progress: Progress) -> None:
@@ -201,6 +238,7 @@ def _write_all(root: Path, n_train: int, n_eval: int, seed: int, progress: Progr
         ], "regions": regions(scene, boxes)})
         finetune += finetune_records(rid, name, scene, question_rng)
         progress.update(1)
+    finetune += drill_records(DRILLS_PER_IMAGE * n_train, question_rng)
 
     questions, answers_by_id = [], {}
     for i in range(n_eval):
