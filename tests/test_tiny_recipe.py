@@ -3,9 +3,10 @@
 Prepares the shapes data, pretrains and finetunes the tiny recipe on CPU, evaluates on the
 held-out shapes benchmark and answers one chat question. The finetuned model must answer
 far above chance overall (about 35% for these question types), solve colour, counting and
-presence and give the image's shape count in chat, and stage 1's tower pretraining must name
-the shapes' kinds and colours (its last batch's region words). Choice is printed, not
-asserted: it stays at chance (issue 28: the aim is 85% in every category).
+presence, choose the lettered option well above chance and give the image's shape count in
+chat, and stage 1's tower pretraining must name the shapes' kinds and colours (its last batch's
+region words). Choice is asserted at a lower bar than the others: it ends at 60-78% across
+seeds (issue 28: the aim is 85% in every category).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from vrwkv_core.data.shapes import COLORS, NUMBER_WORDS
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = ("color", "count", "presence", "choice")
 CHANCE = 0.35
-MIN_ACCURACY = 0.75
-MIN_SOLVED_ACCURACY = 0.85  # colour, count and presence (94-100% at seeds 42, 1, 2)
+MIN_ACCURACY = 0.85
+MIN_SOLVED_ACCURACY = 0.85  # colour, count and presence (96-100% at seeds 42, 1, 2)
+MIN_CHOICE_ACCURACY = 0.5  # lettered choice, chance 1/3 (60-78% at seeds 42, 1, 2)
 
 
 @pytest.mark.slow
@@ -52,6 +54,7 @@ def test_main_job_learns_the_shapes(tmp_path):
     assert sum(scores["categories"][cat]["count"] for cat in CATEGORIES) == scores["count"]
     assert scores["accuracy"] >= MIN_ACCURACY > CHANCE
     assert min(per_category[c] for c in ("color", "count", "presence")) >= MIN_SOLVED_ACCURACY, per_category
+    assert per_category["choice"] >= MIN_CHOICE_ACCURACY, per_category
     # the chat question is "How many shapes are there?" about eval_00000.png: count its colours
     img = np.asarray(Image.open(tmp_path / "data" / "shapes" / "images" / "eval_00000.png").convert("RGB"))
     shapes = sum(int((img == rgb).all(-1).sum() > 50) for rgb in COLORS.values())
