@@ -1,10 +1,10 @@
 """Training data: `VisionLanguageDataset` over data.jsonl, `collate`, `ResumableSampler`.
 
-The dataset keeps one file offset per record (not the records), so a 665k-record file
-costs a few MB; each worker process reopens the file. A sample is tokenised with the
-v7.00 template (`conversation.py`; images in the `middle` of the human turn for v6.0
-recipes) and its images go through the model's image processor, an opaque callable
-returning a tensor or a dict of tensors per tower.
+The dataset keeps one file offset and one image key per record (not the records), so a
+665k-record file costs about 10 MB; each worker process reopens the file. A sample is
+tokenised with the v7.00 template (`conversation.py`; images in the `middle` of the human
+turn for v6.0 recipes) and its images go through the model's image processor, an opaque
+callable returning a tensor or a dict of tensors per tower.
 
 A bad image raises DataError naming the file; with `skip_bad_images=True` the sample
 becomes None and `collate` drops it and counts it in `batch["n_skipped"]` (never a zero

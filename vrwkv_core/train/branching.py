@@ -131,7 +131,6 @@ def branched_hidden(model: "VisualRWKV", batch: dict[str, Any]) -> torch.Tensor:
     start = RWKVState.cat(states) if states else None
 
     # the rests, by starting point (a prefix's state, or none) and then by length; their
-    # embeddings in one lookup (each lookup's backward writes a vocabulary-sized gradient)
     # embeddings in one lookup (each lookup's backward writes a vocabulary-sized gradient), and
     # each bucket gathered with one index (a slice per row would add a batch-sized gradient per row)
     token_embeds = model.embed(ids.masked_fill(ids == IMAGE_TOKEN_ID, PAD_TOKEN_ID))  # prefixes are not read from it
