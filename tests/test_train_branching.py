@@ -15,8 +15,9 @@ from PIL import Image
 from vrwkv_core.config import load_recipe
 from vrwkv_core.data.dataset import ResumableSampler, VisionLanguageDataset, collate
 from vrwkv_core.errors import RecipeError
+from vrwkv_core.model.visual_rwkv import VisualRWKV
 from vrwkv_core.train.branching import branched_hidden, length_buckets, prefix_lengths
-from vrwkv_core.train.module import sequence_loss
+from vrwkv_core.train.module import StageModule, sequence_loss
 
 
 def _padded(lengths: list[int], groups: list[list[int]]) -> int:
@@ -123,10 +124,12 @@ def test_sampler_groups_records_of_one_image_in_runs(tmp_path: Path) -> None:
     assert list(other) != order
 
 
-def test_shared_prefix_is_refused_where_every_padded_position_counts() -> None:
+def test_shared_prefix_is_off_where_every_padded_position_counts(tiny_recipe) -> None:
     recipe = REPO / "recipes" / "tiny.yaml"
-    load_recipe(recipe, ["finetune.shared_prefix=8"])
-    with pytest.raises(RecipeError, match="finetune.shared_prefix"):
-        load_recipe(recipe, ["finetune.shared_prefix=8", "finetune.l2wrap=1e-4"])
+    model = VisualRWKV(tiny_recipe.model)
+    assert StageModule(model, load_recipe(recipe, ["finetune.shared_prefix=8"]), "finetune").branched
+    assert not StageModule(model, load_recipe(recipe, ["finetune.shared_prefix=0"]), "finetune").branched
+    l2wrap = load_recipe(recipe, ["finetune.shared_prefix=8", "finetune.l2wrap=1e-4"])
+    assert not StageModule(model, l2wrap, "finetune").branched  # l2wrap needs every padded position
     with pytest.raises(RecipeError, match="pretrain.shared_prefix"):
         load_recipe(recipe, ["pretrain.shared_prefix=-1"])

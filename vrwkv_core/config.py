@@ -178,9 +178,6 @@ def _validate(recipe: Recipe, source: str) -> None:
         if not 0 <= st.frozen_layers <= rw.n_layer:
             raise bad(f"{stage}.frozen_layers", f"must be in [0, n_layer={rw.n_layer}]")
         _validate_peft(st.peft, f"{stage}.peft", bad)
-        if st.shared_prefix and (st.l2wrap > 0 or recipe.data.truncation == "original" or rw.version != "x070"):
-            raise bad(f"{stage}.shared_prefix", "works for RWKV-7 recipes without the original's l2wrap and "
-                                                "truncation (they need every padded position); set it to 0")
     for stage in ("pretrain", "finetune"):
         _derive_grad_accum(recipe, stage, bad)
 

@@ -19,6 +19,7 @@ out_dir/ranks/rank{r}.txt (a debugging and test aid).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from vrwkv_core.config import HardwareSection, Recipe, StageSection
     from vrwkv_core.model.visual_rwkv import VisualRWKV
 
+log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 TRACE_ENV = "VRWKV_TRACE_BATCHES"
 
@@ -158,6 +160,12 @@ class StageModule(pl.LightningModule):
         self.stage_name = stage
         self.stage: StageSection = getattr(recipe, stage)
         apply_trainable(model, self.stage)
+        # shared prefixes are a speed option: off where every padded position counts (the
+        # original's l2wrap and truncation) and for RWKV-6 (v6.0 reverses image rows)
+        self.branched = bool(self.stage.shared_prefix) and self.stage.l2wrap == 0 and (
+            recipe.data.truncation != "original" and model.family.version == "x070")
+        if self.stage.shared_prefix and not self.branched:
+            log.info("%s.shared_prefix is off: it runs RWKV-7 without l2wrap or the original's truncation", stage)
         self.peft = setup_peft(model, recipe, stage)  # adapters or a learned state; None: plain training
         self.strict_loading = self.peft is None  # a peft last.ckpt holds the trainable tensors only
         model.rwkv.grad_checkpoint = recipe.hardware.grad_checkpoint
@@ -171,7 +179,7 @@ class StageModule(pl.LightningModule):
         self._deepspeed = recipe.hardware.strategy.startswith("deepspeed")
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        if self.stage.shared_prefix:
+        if self.branched:
             hidden = branched_hidden(self.model, batch)
         else:
             hidden, _ = self.model(batch["input_ids"], batch.get("images"), batch.get("image_counts"), logits="hidden",
