@@ -227,7 +227,7 @@ class StageSection:
     max_bad_steps: int = 10
     """Stop after this many steps in a row with a non-finite loss or gradients (each is skipped, not applied)."""
     shared_prefix: int = 0
-    """RWKV-7: run each image prefix ("User: <image>") once per batch and go on from a copy of its state for every record that shares it, the rests of the records in a few length buckets; N > 1 also batches the records about one image in runs of up to N (one question per record: all of an image's questions, say). Same loss, less work. 0: the plain forward (always for RWKV-6, l2wrap or the original's truncation)."""
+    """Run each image prefix ("User: <image>") once per batch and go on from a copy of its state for every record that shares it, the rests of the records in a few length buckets; N > 1 also batches the records about one image in runs of up to N (one question per record: all of an image's questions, say). Same loss, less work. 0: the plain forward (always with l2wrap, the original's truncation or v6.0's image layout)."""
     tower_steps: int = 0
     """Before the stage, train the vision tower alone this many steps on the records' region labels ("regions": [{box, phrase}]); for towers trained from scratch (the tiny recipe); 0: none. A resumed stage skips it."""
     tower_lr: float = 1.0e-3

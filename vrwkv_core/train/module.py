@@ -161,11 +161,13 @@ class StageModule(pl.LightningModule):
         self.stage: StageSection = getattr(recipe, stage)
         apply_trainable(model, self.stage)
         # shared prefixes are a speed option: off where every padded position counts (the
-        # original's l2wrap and truncation) and for RWKV-6 (v6.0 reverses image rows)
+        # original's l2wrap and truncation) and for v6.0's image layout (reversed rows, blanks, left pads)
+        fam = model.family
         self.branched = bool(self.stage.shared_prefix) and self.stage.l2wrap == 0 and (
-            recipe.data.truncation != "original" and model.family.version == "x070")
+            recipe.data.truncation != "original"
+            and not (fam.reverse_image_rows or fam.blank_image_rows or fam.align_images))
         if self.stage.shared_prefix and not self.branched:
-            log.info("%s.shared_prefix is off: it runs RWKV-7 without l2wrap or the original's truncation", stage)
+            log.info("%s.shared_prefix is off: not with l2wrap, the original's truncation or v6.0 images", stage)
         self.peft = setup_peft(model, recipe, stage)  # adapters or a learned state; None: plain training
         self.strict_loading = self.peft is None  # a peft last.ckpt holds the trainable tensors only
         model.rwkv.grad_checkpoint = recipe.hardware.grad_checkpoint
