@@ -111,23 +111,22 @@ def branched_hidden(model: "VisualRWKV", batch: dict[str, Any]) -> torch.Tensor:
     offset = 0
     where = torch.full((B, T), -1, dtype=torch.long)  # (row, t) -> row of torch.cat(pieces)
     states: list[RWKVState] = []
-    state_row = [0] * len(firsts)  # prefix index -> row in RWKVState.cat(states)
-    n_state = 0
+    runs = sorted(range(len(firsts)), key=lambda u: plen[firsts[u]])  # prefixes by length, run order
+    first_row = {}  # prefix index -> its first row in torch.cat(pieces)
     for P in sorted({plen[r] for r in firsts}):
-        group = [u for u, r in enumerate(firsts) if plen[r] == P]
-        rows = [firsts[u] for u in group]
+        rows = [firsts[u] for u in runs if plen[firsts[u]] == P]
         embeds = model.embed(ids[rows, :P], _row_images(batch["images"], counts, rows),
                              torch.tensor([counts[r] for r in rows]), bool(batch.get("partial_images")))
         h, st = model.rwkv(embeds=embeds, logits="hidden")
         pieces.append(h.reshape(-1, h.shape[-1]))
-        for j, u in enumerate(group):
-            state_row[u] = n_state + j
-            for r in range(B):
-                if prefix_of[r] == u:
-                    where[r, :P] = offset + j * P + torch.arange(P)
-        offset += len(rows) * P
         states.append(st)
-        n_state += len(rows)
+        for j, r in enumerate(rows):
+            first_row[prefix_of[r]] = offset + j * P
+        offset += len(rows) * P
+    for r in range(B):
+        if prefix_of[r] >= 0:
+            where[r, : plen[r]] = first_row[prefix_of[r]] + torch.arange(plen[r])
+    state_row = {u: i for i, u in enumerate(runs)}  # RWKVState.cat(states) holds the prefixes in run order
     start = RWKVState.cat(states) if states else None
 
     # the rests, by starting point (a prefix's state, or none) and then by length; their
