@@ -4,8 +4,9 @@ Records about the same image (one question each, say) all start with the same to
 the image's last placeholder: "User: <16 image rows>". A transformer must run that prefix
 for every record; RWKV's whole past is its state, so `branched_hidden` runs each distinct
 prefix once, copies its final state to every record that shares it, and runs only the rest
-of each record from there. The rests are grouped into a few length buckets, so a batch of
-short questions is not padded to its longest one. The result is the same hidden sequence
+of each record from there. The rests (and the records without an image, from the model's
+start state) are grouped into a few length buckets, so a batch of short questions is not
+padded to its longest one. The result is the same hidden sequence
 [B, T, C] as the plain forward (up to float rounding: the chunked kernel splits the
 sequence at another place), so the loss and its gradients are unchanged; only the work is
 less. The sampler's `group_size` (`data.dataset.ResumableSampler`) puts records of one
@@ -126,30 +127,33 @@ def branched_hidden(model: "VisualRWKV", batch: dict[str, Any]) -> torch.Tensor:
     for r in range(B):
         if prefix_of[r] >= 0:
             where[r, : plen[r]] = first_row[prefix_of[r]] + torch.arange(plen[r])
-    state_row = {u: i for i, u in enumerate(runs)}  # RWKVState.cat(states) holds the prefixes in run order
-    start = RWKVState.cat(states) if states else None
-
-    # the rests, by starting point (a prefix's state, or none) and then by length; their
-    # embeddings in one lookup (each lookup's backward writes a vocabulary-sized gradient), and
-    # each bucket gathered with one index (a slice per row would add a batch-sized gradient per row)
+    # the rests, each from its prefix's state or, without an image, from the model's start
+    # state, all in one set of length buckets; their embeddings in one lookup (each lookup's
+    # backward writes a vocabulary-sized gradient), and each bucket gathered with one index (a
+    # slice per row would add a batch-sized gradient per row)
     token_embeds = model.embed(ids.masked_fill(ids == IMAGE_TOKEN_ID, PAD_TOKEN_ID))  # prefixes are not read from it
     token_embeds = torch.cat([token_embeds.reshape(B * T, -1), token_embeds.new_zeros(1, token_embeds.shape[-1])])
-    for from_state in (True, False):
-        rows = [r for r in range(B) if (prefix_of[r] >= 0) == from_state and lengths[r] > plen[r]]
-        for bucket in length_buckets([lengths[r] - plen[r] for r in rows]):
-            sel = [rows[i] for i in bucket]
-            S = max(lengths[r] - plen[r] for r in sel)
-            pick = torch.full((len(sel), S), B * T, dtype=torch.long)  # B * T: the zero row
-            for j, r in enumerate(sel):
-                pick[j, : lengths[r] - plen[r]] = r * T + plen[r] + torch.arange(lengths[r] - plen[r])
-            rest = token_embeds.index_select(0, pick.view(-1).to(token_embeds.device)).view(len(sel), S, -1)
-            st = start.select([state_row[prefix_of[r]] for r in sel]) if from_state else None
-            h, _ = model.rwkv(embeds=rest, state=st, logits="hidden")
-            pieces.append(h.reshape(-1, h.shape[-1]))
-            for j, r in enumerate(sel):
-                n = lengths[r] - plen[r]
-                where[r, plen[r] : plen[r] + n] = offset + j * S + torch.arange(n)
-            offset += len(sel) * S
+    rows = [r for r in range(B) if lengths[r] > plen[r]]
+    state_row = {u: i for i, u in enumerate(runs)}  # RWKVState.cat(states) holds the prefixes in run order
+    fresh = [r for r in rows if prefix_of[r] < 0]  # text-only rows: after the prefixes in the cat
+    if fresh:
+        states.append(model.rwkv.start_state(token_embeds.new_zeros(len(fresh), 1, token_embeds.shape[-1])))
+    fresh_row = {r: len(runs) + j for j, r in enumerate(fresh)}
+    state_of = {r: state_row[prefix_of[r]] if prefix_of[r] >= 0 else fresh_row[r] for r in rows}
+    start = RWKVState.cat(states) if states else None
+    for bucket in length_buckets([lengths[r] - plen[r] for r in rows]):
+        sel = [rows[i] for i in bucket]
+        S = max(lengths[r] - plen[r] for r in sel)
+        pick = torch.full((len(sel), S), B * T, dtype=torch.long)  # B * T: the zero row
+        for j, r in enumerate(sel):
+            pick[j, : lengths[r] - plen[r]] = r * T + plen[r] + torch.arange(lengths[r] - plen[r])
+        rest = token_embeds.index_select(0, pick.view(-1).to(token_embeds.device)).view(len(sel), S, -1)
+        h, _ = model.rwkv(embeds=rest, state=start.select([state_of[r] for r in sel]), logits="hidden")
+        pieces.append(h.reshape(-1, h.shape[-1]))
+        for j, r in enumerate(sel):
+            n = lengths[r] - plen[r]
+            where[r, plen[r] : plen[r] + n] = offset + j * S + torch.arange(n)
+        offset += len(sel) * S
     flat = torch.cat(pieces + [pieces[0].new_zeros(1, pieces[0].shape[-1])])
     where[where < 0] = offset  # padding reads the zero row
     return flat.index_select(0, where.view(-1).to(flat.device)).view(B, T, -1)

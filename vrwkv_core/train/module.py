@@ -4,7 +4,8 @@ Loss (the released definition): cross-entropy averaged over the labelled tokens 
 sample, then over the samples of the batch: all B of them (`loss_mean: all_samples`, the
 original, a sample without labels counting 0) or the labelled ones (`labelled_samples`).
 Without L2Wrap the head runs only on labelled positions, so a 2048-token sample with a
-20-token answer costs 20 head rows, not 2048. `L2Wrap` is the original's regulariser
+20-token answer costs 20 head rows, not 2048, and in vocabulary blocks (`head_loss`), so
+the [rows, vocabulary] logits are never held at once. `L2Wrap` is the original's regulariser
 exactly: it leaves the loss value alone and, in backward, adds max_logit * coef / (B*T) at
 the argmax logit of every position (image and padding included), so it needs all logits.
 
@@ -29,7 +30,9 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from vrwkv_core.model.rwkv.layers import Linear
 from vrwkv_core.train.branching import branched_hidden
+from vrwkv_core.train.head_loss import linear_cross_entropy
 from vrwkv_core.train.peft import setup_peft
 
 if TYPE_CHECKING:
@@ -116,6 +119,13 @@ class L2Wrap(torch.autograd.Function):
         return grad_output, gy, None
 
 
+def _plain_head(head: torch.nn.Module) -> bool:
+    """A bias-free linear head (ours or torch's) whose weight is whole here: adapters and
+    quantized heads are other classes, and ZeRO-3 gathers a partitioned weight (`ds_id`) only
+    inside forward."""
+    return type(head) in (Linear, torch.nn.Linear) and head.bias is None and getattr(head.weight, "ds_id", None) is None
+
+
 def sequence_loss(
     hidden: torch.Tensor,
     labels: torch.Tensor,
@@ -135,8 +145,11 @@ def sequence_loss(
     if n_tokens == 0:
         loss = hidden.sum() * 0.0
     else:
-        logits = (all_logits[:, :-1][valid] if all_logits is not None else head(hidden[:, :-1][valid])).float()
-        ce = F.cross_entropy(logits, targets[valid], reduction="none")
+        if all_logits is None and _plain_head(head):
+            ce = linear_cross_entropy(hidden[:, :-1][valid], head.weight, targets[valid])  # no [rows, V] logits
+        else:
+            logits = (all_logits[:, :-1][valid] if all_logits is not None else head(hidden[:, :-1][valid])).float()
+            ce = F.cross_entropy(logits, targets[valid], reduction="none")
         sample_of = valid.nonzero()[:, 0]
         per_sample = torch.zeros(labels.shape[0], device=ce.device).index_add_(0, sample_of, ce)
         counts = valid.sum(dim=1)

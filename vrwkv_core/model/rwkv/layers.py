@@ -356,6 +356,13 @@ class RWKVLanguageModel(nn.Module):
         wkv = [w.unsqueeze(0).expand(B, -1, -1, -1) for w in self.state_wkv.unbind(0)]
         return RWKVState(shifts, wkv, list(shifts))
 
+    def start_state(self, x: torch.Tensor) -> RWKVState:
+        """The state a forward over x [B, T, C] given none starts from, spelled out: the learned
+        initial state (expanded, differentiable) or zeros in x's dtype. Lets rows that start
+        fresh share one call with rows that continue a state (train.branching)."""
+        state = self._start(None, x)
+        return state if state is not None else RWKVState.zeros(self, x.shape[0], device=x.device, dtype=x.dtype)
+
     def zero_state(self, batch: int = 1) -> Any:
         """An all-zero state on the model's device (same as passing state=None)."""
         return RWKVState.zeros(self, batch)
