@@ -34,11 +34,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from vrwkv_core.checkpoint.adapters import inject
 from vrwkv_core.config import DEFAULT_PEFT_TARGETS, PEFT_TARGETS, PeftSection, RWKVSection
 from vrwkv_core.data.conversation import IGNORE_INDEX
+from vrwkv_core.kernels.head_loss import linear_cross_entropy
 from vrwkv_core.model.rwkv.rwkv7 import RWKV7
 
 METHODS = ("full", "lora", "lora-all", "lora-att", "state")
@@ -83,11 +83,12 @@ def answer_labels(ids: torch.Tensor, labelled: float) -> torch.Tensor:
 
 
 def labelled_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-    """Mean next-token CE with the head applied only where labels are set, as the trainer's
-    `sequence_loss` does (bench/ may not import train/): no [B, T, V] logits for the prompt."""
+    """Mean next-token CE with the head applied only where labels are set and in vocabulary
+    blocks, as the trainer's `sequence_loss` does (bench/ may not import train/): no [B, T, V]
+    logits for the prompt, no [rows, V] logits held for the answer."""
     targets = labels[:, 1:]
     valid = targets != IGNORE_INDEX  # [B, T-1]
-    return F.cross_entropy(head(hidden[:, :-1][valid]).float(), targets[valid])
+    return linear_cross_entropy(hidden[:, :-1][valid], head.weight, targets[valid]).mean()
 
 
 def build_lm(method: str, cfg: dict[str, Any]) -> tuple[RWKV7, int]:

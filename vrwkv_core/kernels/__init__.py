@@ -6,7 +6,8 @@
 Each op lives in its own folder with `reference.py` (the definition, float64-capable),
 `chunked.py` (chunk-parallel plain PyTorch, differentiable) and, for WKV-7, `cuda.py`
 (the JIT build of the top-level `cuda_ops/` sources). `BACKENDS` are the names a recipe
-(`model.rwkv.wkv_backend`) or a `--wkv-backend` flag may pick.
+(`model.rwkv.wkv_backend`) or a `--wkv-backend` flag may pick. `head_loss` holds the LM
+head's cross-entropy in vocabulary blocks, which training and `vrwkv bench train` share.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from vrwkv_core.model.rwkv.layers import Linear
 from vrwkv_core.train.branching import branched_hidden
-from vrwkv_core.train.head_loss import linear_cross_entropy
+from vrwkv_core.kernels.head_loss import linear_cross_entropy
 from vrwkv_core.train.peft import setup_peft
 
 if TYPE_CHECKING:

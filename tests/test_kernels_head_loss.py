@@ -1,4 +1,4 @@
-"""The blocked head cross-entropy (`train.head_loss`) against the plain logits + F.cross_entropy."""
+"""The blocked head cross-entropy (`kernels.head_loss`) against the plain logits + F.cross_entropy."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import vrwkv_core.train.head_loss as head_loss
-from vrwkv_core.train.head_loss import linear_cross_entropy
+import vrwkv_core.kernels.head_loss as head_loss
+from vrwkv_core.kernels.head_loss import linear_cross_entropy
 from vrwkv_core.train.module import sequence_loss
 
 
