@@ -81,6 +81,19 @@ def test_tensor_processor_is_stacked(data, tok):
     assert collate([ds[2], ds[0]])["images"].shape == (3, 3, 8, 8)
 
 
+def test_an_images_run_of_records_decodes_it_once(data, tok):
+    path, images, _ = data
+    calls = []
+    ds = VisionLanguageDataset(path, images, tok, lambda im: calls.append(1) or processor(im), TPI, ctx_len=256)
+    first, again = ds[0], ds[0]  # shared_prefix batches an image's records one after another
+    assert len(calls) == 1 and torch.equal(first["images"][0]["a"], again["images"][0]["a"])
+    ds[2]
+    assert len(calls) == 3  # green and blue
+    Image.new("RGB", (16, 16), (0, 0, 0)).save(images / "r.png")  # another image at the path
+    ds[2], ds[0]
+    assert len(calls) == 6 and ds[0]["images"][0]["a"].max() == 0  # only the last one is kept
+
+
 def test_bad_image_raises_or_is_skipped(data, tok):
     path, images, _ = data
     ds = VisionLanguageDataset(path, images, tok, processor, TPI, ctx_len=256)

@@ -148,6 +148,7 @@ class VisionLanguageDataset(Dataset):
         self.n_skipped = 0  # in this process only; collate's n_skipped covers DataLoader workers
         self._file = None
         self._file_pid = -1
+        self._last_image: tuple[Path, Any] | None = None  # see load_image
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -170,8 +171,14 @@ class VisionLanguageDataset(Dataset):
             raise DataError(f"{self.records_path}: record {index} is not valid JSON ({e.msg})") from None
 
     def load_image(self, rel: str, index: int) -> Any:
-        """Image `rel` of record `index` through the image processor (DataError when unreadable)."""
+        """Image `rel` of record `index` through the image processor (DataError when unreadable).
+
+        The last image is kept: with `shared_prefix` an image's records come in runs, so a
+        batch of 128 questions about 16 images decodes 16, not 128 (the callers only stack it).
+        """
         path = self.image_folder / rel
+        if self._last_image is not None and self._last_image[0] == path:
+            return self._last_image[1]
         try:
             with Image.open(path) as im:
                 im.seek(0)  # an animated image trains on its first frame
@@ -181,7 +188,9 @@ class VisionLanguageDataset(Dataset):
                 f"{path}: cannot load image of record {index} ({type(e).__name__}: {e})",
                 hint="set data.skip_bad_images=true to drop such samples, or check the data with `vrwkv prepare-data llava`",
             ) from None
-        return self.image_processor(rgb)
+        pixels = self.image_processor(rgb)
+        self._last_image = (path, pixels)
+        return pixels
 
     def __getitem__(self, index: int) -> dict | None:
         record = self.read_record(index)
