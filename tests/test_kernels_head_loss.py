@@ -49,6 +49,22 @@ def test_blocked_cross_entropy_in_float32_and_bfloat16():
     assert (gw.float() - gw0.float()).norm() < 2e-2 * gw0.float().norm()
 
 
+def test_under_autocast_the_products_are_bf16_and_the_gradients_reach_fp32_weights():
+    torch.manual_seed(4)
+    hidden, weight = torch.randn(16, 32, requires_grad=True), torch.randn(3000, 32, requires_grad=True)
+    targets = torch.randint(0, 3000, (16,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ce = linear_cross_entropy(hidden, weight, targets)
+        ce0 = F.cross_entropy((hidden @ weight.T).float(), targets, reduction="none")  # what head(x).float() gives
+    ce.sum().backward()
+    gh, gw = hidden.grad, weight.grad
+    hidden.grad = weight.grad = None
+    ce0.sum().backward()
+    assert gh.dtype == gw.dtype == torch.float32
+    assert torch.allclose(ce, ce0, rtol=2e-2, atol=2e-2)
+    assert (gh - hidden.grad).norm() < 2e-2 * hidden.grad.norm() and (gw - weight.grad).norm() < 2e-2 * weight.grad.norm()
+
+
 def test_only_the_gradients_asked_for_are_made():
     hidden, weight = torch.randn(4, 8), torch.randn(2000, 8, requires_grad=True)
     linear_cross_entropy(hidden, weight, torch.tensor([1, 2, 3, 1999])).sum().backward()

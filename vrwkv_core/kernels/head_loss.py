@@ -77,6 +77,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-row cross-entropy [N] of the logits `hidden @ weight.T` ([N, C] x [V, C]) against
     `targets` [N] (all valid ids), computed in vocabulary blocks (see the module docstring)."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        # mixed precision: the products in the autocast dtype, as head(hidden) would be; cast
+        # here because autocast is off in backward, where fp32 and bf16 operands would meet
+        dt = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dt), weight.to(dt)
     return _LinearCrossEntropy.apply(hidden, weight, targets)
 
 
