@@ -4,7 +4,7 @@ Loss (the released definition): cross-entropy averaged over the labelled tokens 
 sample, then over the samples of the batch: all B of them (`loss_mean: all_samples`, the
 original, a sample without labels counting 0) or the labelled ones (`labelled_samples`).
 Without L2Wrap the head runs only on labelled positions, so a 2048-token sample with a
-20-token answer costs 20 head rows, not 2048, and in vocabulary blocks (`head_loss`), so
+20-token answer costs 20 head rows, not 2048, and in vocabulary blocks (`kernels.head_loss`), so
 the [rows, vocabulary] logits are never held at once. `L2Wrap` is the original's regulariser
 exactly: it leaves the loss value alone and, in backward, adds max_logit * coef / (B*T) at
 the argmax logit of every position (image and padding included), so it needs all logits.
@@ -30,9 +30,9 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from vrwkv_core.kernels.head_loss import linear_cross_entropy
 from vrwkv_core.model.rwkv.layers import Linear
 from vrwkv_core.train.branching import branched_hidden
-from vrwkv_core.kernels.head_loss import linear_cross_entropy
 from vrwkv_core.train.peft import setup_peft
 
 if TYPE_CHECKING:
