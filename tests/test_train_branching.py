@@ -70,9 +70,13 @@ def _records(tmp_path: Path) -> Path:
     return path
 
 
-def test_branched_forward_gives_the_plain_hidden_states_and_gradients(tmp_path: Path, tokenizer) -> None:
+@pytest.mark.parametrize("learned_state", [False, True])
+def test_branched_forward_gives_the_plain_hidden_states_and_gradients(tmp_path: Path, tokenizer, learned_state: bool) -> None:
     torch.manual_seed(0)
     model = build_tiny_vlm(seed=3).train()
+    if learned_state:  # state tuning: records without an image start from it in both forwards
+        with torch.no_grad():
+            model.rwkv.enable_state_tuning().normal_(0, 0.5)
     ds = VisionLanguageDataset(_records(tmp_path), tmp_path / "images", tokenizer, model.image_processor, 4, 128)
     assert sorted(ds.image_keys).count(-1) == 2 and len(set(ds.image_keys)) == 5  # 3 images, 1 pair, none
     batch = collate([ds[i] for i in range(len(ds))])
@@ -96,6 +100,7 @@ def test_branched_forward_gives_the_plain_hidden_states_and_gradients(tmp_path: 
     assert not h1[~inside].any()  # padding is zeros
     assert torch.allclose(l1, l0, atol=1e-6, rtol=1e-5)
     assert g1.keys() == g0.keys() and any(n.startswith("proj.") for n in g0)  # images' gradients too
+    assert ("rwkv.state_wkv" in g0) == learned_state
     for name in g0:
         assert torch.allclose(g1[name], g0[name], atol=1e-5, rtol=1e-3), name
 

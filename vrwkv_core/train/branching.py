@@ -137,7 +137,7 @@ def branched_hidden(model: "VisualRWKV", batch: dict[str, Any]) -> torch.Tensor:
     state_row = {u: i for i, u in enumerate(runs)}  # RWKVState.cat(states) holds the prefixes in run order
     fresh = [r for r in rows if prefix_of[r] < 0]  # text-only rows: after the prefixes in the cat
     if fresh:
-        states.append(model.rwkv.start_state(token_embeds.new_zeros(len(fresh), 1, token_embeds.shape[-1])))
+        states.append(model.rwkv.start_state(len(fresh), token_embeds))
     fresh_row = {r: len(runs) + j for j, r in enumerate(fresh)}
     state_of = {r: state_row[prefix_of[r]] if prefix_of[r] >= 0 else fresh_row[r] for r in rows}
     start = RWKVState.cat(states) if states else None

@@ -351,17 +351,18 @@ class RWKVLanguageModel(nn.Module):
         (expanded to the batch, differentiable), else None (zeros)."""
         if state is not None or self.state_wkv is None:
             return state
-        B = x.shape[0]
-        shifts = [torch.zeros(B, self.n_embd, device=x.device, dtype=x.dtype) for _ in range(self.n_layer)]
-        wkv = [w.unsqueeze(0).expand(B, -1, -1, -1) for w in self.state_wkv.unbind(0)]
-        return RWKVState(shifts, wkv, list(shifts))
+        return self.start_state(x.shape[0], x)
 
-    def start_state(self, x: torch.Tensor) -> RWKVState:
-        """The state a forward over x [B, T, C] given none starts from, spelled out: the learned
-        initial state (expanded, differentiable) or zeros in x's dtype. Lets rows that start
-        fresh share one call with rows that continue a state (train.branching)."""
-        state = self._start(None, x)
-        return state if state is not None else RWKVState.zeros(self, x.shape[0], device=x.device, dtype=x.dtype)
+    def start_state(self, batch: int, like: torch.Tensor) -> RWKVState:
+        """The state a forward given none starts from, spelled out for `batch` rows: zero shifts
+        in `like`'s dtype and device, and the learned initial WKV state (expanded,
+        differentiable) or zeros. Lets rows that start fresh share one call with rows that
+        continue a state (train.branching)."""
+        if self.state_wkv is None:
+            return RWKVState.zeros(self, batch, device=like.device, dtype=like.dtype)
+        shifts = [torch.zeros(batch, self.n_embd, device=like.device, dtype=like.dtype) for _ in range(self.n_layer)]
+        wkv = [w.unsqueeze(0).expand(batch, -1, -1, -1) for w in self.state_wkv.unbind(0)]
+        return RWKVState(shifts, wkv, list(shifts))
 
     def zero_state(self, batch: int = 1) -> Any:
         """An all-zero state on the model's device (same as passing state=None)."""
